@@ -1,0 +1,8 @@
+"""ComfyUI nodes (V3 schema). One module per capability; registration is in the package root."""
+
+from .common import register_model_folder
+from .patching import NODES as PATCHING_NODES
+
+ALL_NODES = [*PATCHING_NODES]
+
+__all__ = ["ALL_NODES", "register_model_folder"]

@@ -1,0 +1,435 @@
+"""Nodes that load, apply, combine, select, save, inspect and export spectral shifts.
+
+Node IDs are public (saved in users' workflows) and never change.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..svdiff import fileformat
+from ..svdiff.apply import apply_shift
+from ..svdiff.export import export_lora
+from ..svdiff.inspection import cosine_plot, describe, magnitude_plot, to_image_tensor
+from ..svdiff.shift import SpectralShift, combine, parse_key, pattern_matcher, select, unet_block
+from .common import (
+    CATEGORY,
+    SHIFT_FOLDER,
+    NodeProgress,
+    SpectralShiftType,
+    log,
+    numbered,
+    require_finite,
+    safe_output_path,
+    shift_files,
+    shift_path,
+)
+
+# ----------------------------------------------------------------------------------
+# Loading (with a small cache keyed by path, size and mtime)
+
+_loaded: OrderedDict[tuple[str, int, int], SpectralShift] = OrderedDict()
+_loaded_lock = threading.Lock()
+_LOADED_MAX = 8
+
+
+def load_shift_file(name: str) -> SpectralShift:
+    path = shift_path(name)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _loaded_lock:
+        if key in _loaded:
+            _loaded.move_to_end(key)
+            return _loaded[key]
+    shift = fileformat.read_shift(path)
+    shift.name = Path(name).stem if shift.name == path.stem else shift.name
+    with _loaded_lock:
+        _loaded[key] = shift
+        while len(_loaded) > _LOADED_MAX:
+            _loaded.popitem(last=False)
+    return shift
+
+
+def _file_fingerprint(shift_name: str) -> str:
+    """Re-run loaders when the file on disk changes under the same name."""
+    path = folder_paths.get_full_path(SHIFT_FOLDER, shift_name)
+    if path is None:
+        return f"missing:{shift_name}"
+    stat = Path(path).stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _strength_inputs():
+    return [
+        io.Float.Input(
+            "strength_model",
+            default=1.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+            tooltip="Scale s of the shift on the diffusion model, inside the ReLU: ReLU(σ + s·δ) (paper appendix E.3). 0 leaves the model untouched.",
+        ),
+        io.Float.Input(
+            "strength_clip",
+            default=1.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+            tooltip="Scale of the shift on the text encoder(s). Ignored when no CLIP is connected.",
+        ),
+    ]
+
+
+def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, node_id: str | None):
+    strength_model = require_finite("strength_model", strength_model)
+    strength_clip = require_finite("strength_clip", strength_clip)
+    total = len(shift.tensors)
+    new_model, new_clip, report = apply_shift(
+        model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id)
+    )
+    log.info("SVDiff applied %s", report.summary())
+    return new_model, new_clip, report
+
+
+class SVDiffLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffLoader",
+            display_name="Load Spectral Shift (SVDiff)",
+            category=CATEGORY,
+            description="Load a spectral-shift file from models/spectral_shifts and apply it to a MODEL and CLIP, like a LoRA. Chains with LoRAs and other shifts in any order.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch."),
+                io.Clip.Input("clip", optional=True, tooltip="The CLIP to patch (optional; text-encoder shifts are skipped without it)."),
+                io.Combo.Input("shift_name", options=shift_files(), tooltip="A .safetensors spectral-shift file in models/spectral_shifts (or an svdiff-pytorch spectral_shifts.safetensors)."),
+                *_strength_inputs(),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model, shift_name, strength_model, strength_clip, clip=None):
+        return _file_fingerprint(shift_name)
+
+    @classmethod
+    def execute(cls, model, shift_name, strength_model, strength_clip, clip=None):
+        shift = load_shift_file(shift_name)
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id)
+        return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
+
+
+class SVDiffLoadShift(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffLoadShift",
+            display_name="Load Spectral Shift File (SVDiff)",
+            category=CATEGORY,
+            description="Load a spectral-shift file as a SPECTRAL_SHIFT, to combine, select, inspect, save or apply.",
+            inputs=[io.Combo.Input("shift_name", options=shift_files(), tooltip="A .safetensors file in models/spectral_shifts.")],
+            outputs=[SpectralShiftType.Output(display_name="shift")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, shift_name):
+        return _file_fingerprint(shift_name)
+
+    @classmethod
+    def execute(cls, shift_name):
+        return io.NodeOutput(load_shift_file(shift_name))
+
+
+class SVDiffApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffApply",
+            display_name="Apply Spectral Shift (SVDiff)",
+            category=CATEGORY,
+            description="Patch a MODEL and CLIP with a SPECTRAL_SHIFT. Shifts applied by chained nodes combine inside one ReLU: ReLU(σ + s₁δ₁ + s₂δ₂) (paper eqs. 4–5).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip", optional=True),
+                SpectralShiftType.Input("shift"),
+                *_strength_inputs(),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, shift, strength_model, strength_clip, clip=None):
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id)
+        return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
+
+
+class SVDiffCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffCombine",
+            display_name="Combine Spectral Shifts (SVDiff)",
+            category=CATEGORY,
+            description=(
+                "Per layer weight_a·δa + weight_b·δb. Add: 1 and 1 (eq. 4). Interpolate: α and 1−α (eq. 5). "
+                "Scale: leave shift_b empty. Rank-limited shifts are zero-padded."
+            ),
+            inputs=[
+                SpectralShiftType.Input("shift_a"),
+                io.Float.Input("weight_a", default=1.0, min=-10.0, max=10.0, step=0.01),
+                SpectralShiftType.Input("shift_b", optional=True),
+                io.Float.Input("weight_b", default=1.0, min=-10.0, max=10.0, step=0.01),
+            ],
+            outputs=[SpectralShiftType.Output(display_name="shift")],
+        )
+
+    @classmethod
+    def execute(cls, shift_a, weight_a, weight_b, shift_b=None):
+        weight_a = require_finite("weight_a", weight_a)
+        weight_b = require_finite("weight_b", weight_b)
+        return io.NodeOutput(combine(shift_a, weight_a, shift_b, weight_b))
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_indices(text: str, input_name: str) -> set[int] | None:
+    """'all' → None (every index); '' or 'none' → ∅; '0-3, 7' → {0,1,2,3,7}."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("", "none"):
+        return set()
+    indices: set[int] = set()
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if match is None:
+            raise ValueError(f"{input_name}: '{part.strip()}' is not an index or range; write e.g. 'all', 'none' or '0-3, 7'")
+        start = int(match.group(1))
+        end = int(match.group(2)) if match.group(2) else start
+        if end < start:
+            raise ValueError(f"{input_name}: range '{part.strip()}' runs backwards; write it as '{end}-{start}'")
+        indices.update(range(start, end + 1))
+    return indices
+
+
+def layer_predicate(input_blocks: str, middle_block: bool, output_blocks: str, other_unet: bool, text_encoder: bool, name_patterns: str):
+    """Union of the chosen UNet blocks, other layers, text encoder and name patterns."""
+    inputs = parse_indices(input_blocks, "input_blocks")
+    outputs = parse_indices(output_blocks, "output_blocks")
+    by_name = pattern_matcher(name_patterns)
+
+    def chosen(key: str) -> bool:
+        if by_name(key):
+            return True
+        target = parse_key(key)
+        if target.component == "clip":
+            return text_encoder
+        block = unet_block(target.param)
+        if block is None:
+            return other_unet
+        group, index = block
+        if group == "middle":
+            return middle_block
+        indices = inputs if group == "input" else outputs
+        return indices is None or index in indices
+
+    return chosen
+
+
+class SVDiffSelectLayers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffSelectLayers",
+            display_name="Select Shift Layers (SVDiff)",
+            category=CATEGORY,
+            description=(
+                "Keep or drop layers of a shift by UNet block or name. With Combine this is the paper's per-layer "
+                "style mixing (Fig. 12): take some blocks from one shift and the rest from another."
+            ),
+            inputs=[
+                SpectralShiftType.Input("shift"),
+                io.Combo.Input("mode", options=["keep", "drop"], default="keep", tooltip="keep: only the chosen layers remain. drop: the chosen layers are removed."),
+                io.String.Input(
+                    "input_blocks",
+                    default="all",
+                    tooltip=(
+                        "Down blocks by index (ComfyUI's input_blocks.N): 'all', 'none' or e.g. '0-3, 7'. "
+                        "SD1.x/2.x: 0 = conv_in, 1-2 level 0 (64 px latents: 64×64), 3 downsample, 4-5 level 1, 6 down, 7-8 level 2, 9 down, 10-11 level 3. "
+                        "SDXL: 1-2 level 0, 3 down, 4-5 level 1, 6 down, 7-8 level 2."
+                    ),
+                ),
+                io.Boolean.Input("middle_block", default=True, tooltip="The mid block (ComfyUI's middle_block)."),
+                io.String.Input(
+                    "output_blocks",
+                    default="all",
+                    tooltip="Up blocks by index (ComfyUI's output_blocks.N), lowest resolution first: 'all', 'none' or e.g. '0-2'. SD1.x/2.x has 0-11 (three per level), SDXL 0-8.",
+                ),
+                io.Boolean.Input("other_unet", default=True, tooltip="UNet layers outside the blocks: time/label embeddings and the output layers."),
+                io.Boolean.Input("text_encoder", default=True, tooltip="All text-encoder layers."),
+                io.String.Input(
+                    "name_patterns",
+                    default="",
+                    multiline=True,
+                    tooltip="Also choose keys by name, comma or newline separated: a substring ('attn2'), a glob ('*.attn2.to_k.*') or a regex ('re:attn2\\.to_[kv]').",
+                ),
+            ],
+            outputs=[SpectralShiftType.Output(display_name="shift")],
+        )
+
+    @classmethod
+    def execute(cls, shift, mode, input_blocks, middle_block, output_blocks, other_unet, text_encoder, name_patterns):
+        chosen = layer_predicate(input_blocks, middle_block, output_blocks, other_unet, text_encoder, name_patterns)
+        keep = chosen if mode == "keep" else (lambda key: not chosen(key))
+        description = f"{mode} input={input_blocks!r} middle={middle_block} output={output_blocks!r} other={other_unet} te={text_encoder} names={name_patterns!r}"
+        result = select(shift, keep, description)
+        if not result.tensors:
+            raise ValueError(
+                f"SVDiffSelectLayers: the selection leaves no layers of '{shift.name}' ({mode} {description}); "
+                "widen the block ranges or patterns"
+            )
+        text = f"{len(result.tensors)} of {len(shift.tensors)} tensors kept"
+        return io.NodeOutput(result, ui=ui.PreviewText(text))
+
+
+class SVDiffSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffSave",
+            display_name="Save Spectral Shift (SVDiff)",
+            category=CATEGORY,
+            description="Save a shift to models/spectral_shifts (format v1, atomic write, never overwrites unless asked).",
+            is_output_node=True,
+            inputs=[
+                SpectralShiftType.Input("shift"),
+                io.String.Input("filename_prefix", default="svdiff/shift", tooltip="Name relative to models/spectral_shifts; a number is appended if the file exists."),
+                io.Combo.Input(
+                    "precision",
+                    options=["fp16", "fp32"],
+                    default="fp16",
+                    tooltip="fp16 halves the file; the round-trip error of δ is below 5e-4 relative (see README), far below what changes an image.",
+                ),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of exactly this name instead of numbering a new one."),
+                io.String.Input("trigger_words", default="", optional=True, tooltip="Stored in the metadata and shown by loaders."),
+                io.String.Input("description", default="", optional=True, multiline=True),
+            ],
+            outputs=[io.String.Output(display_name="filename")],
+        )
+
+    @classmethod
+    def execute(cls, shift, filename_prefix, precision, overwrite, trigger_words="", description=""):
+        target = safe_output_path(SHIFT_FOLDER, filename_prefix, "spectral-shift file")
+        if not overwrite:
+            target = numbered(target)
+        to_save = SpectralShift(dict(shift.tensors), dict(shift.metadata), dict(shift.base_hashes), target.stem)
+        if trigger_words.strip():
+            to_save.metadata["svdiff.trigger_words"] = trigger_words.strip()
+        if description.strip():
+            to_save.metadata["svdiff.description"] = description.strip()
+        to_save.metadata.setdefault("svdiff.name", target.stem)
+        fileformat.write_shift(target, to_save, precision=precision, overwrite=overwrite)
+        root = Path(folder_paths.get_folder_paths(SHIFT_FOLDER)[0])
+        relative = target.relative_to(root).as_posix()
+        size_kib = target.stat().st_size / 1024
+        text = f"saved {relative} ({size_kib:,.1f} KiB, {precision})"
+        log.info("SVDiff %s", text)
+        return io.NodeOutput(relative, ui=ui.PreviewText(text))
+
+
+class SVDiffInspect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffInspect",
+            display_name="Inspect Spectral Shift (SVDiff)",
+            category=CATEGORY,
+            description="Summary of a shift and a plot of mean |δ| per block; with a second shift, cosine similarity per layer (paper appendix E.2, Fig. 15).",
+            is_output_node=True,
+            inputs=[SpectralShiftType.Input("shift"), SpectralShiftType.Input("shift_b", optional=True)],
+            outputs=[io.String.Output(display_name="summary"), io.Image.Output(display_name="plot")],
+        )
+
+    @classmethod
+    def execute(cls, shift, shift_b=None):
+        text = describe(shift, shift_b)
+        plots = [magnitude_plot(shift)]
+        if shift_b is not None:
+            plots.append(cosine_plot(shift, shift_b))
+        images = to_image_tensor(plots)
+        return io.NodeOutput(text, images, ui={"text": (text,), **ui.PreviewImage(images, cls=cls).as_dict()})
+
+
+class SVDiffExportLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffExportLoRA",
+            display_name="Export Shift as LoRA (SVDiff)",
+            category=CATEGORY,
+            description=(
+                "Write an ordinary LoRA (lora_up/lora_down, ComfyUI key names) to models/loras for tools that do not know SVDiff. "
+                "Exact when the rank covers every changed singular value; otherwise the best rank-k approximation of each ΔW, with the error reported."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the shift is for (its weights define ΔW)."),
+                io.Clip.Input("clip", optional=True),
+                SpectralShiftType.Input("shift"),
+                io.Int.Input("rank", default=64, min=1, max=4096, tooltip="LoRA rank per layer. A spectral shift of a layer with r singular values is exact at rank r."),
+                *_strength_inputs(),
+                io.String.Input("filename_prefix", default="svdiff/exported_lora", tooltip="Name relative to models/loras; a number is appended if the file exists."),
+                io.Combo.Input("precision", options=["fp16", "fp32"], default="fp16"),
+            ],
+            outputs=[io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, shift, rank, strength_model, strength_clip, filename_prefix, precision, clip=None):
+        strength_model = require_finite("strength_model", strength_model)
+        strength_clip = require_finite("strength_clip", strength_clip)
+        target = numbered(safe_output_path("loras", filename_prefix, "LoRA file"))
+        tensors, report = export_lora(
+            model, clip, shift, rank, strength_model, strength_clip, progress=NodeProgress(len(shift.tensors), cls.hidden.unique_id)
+        )
+        if not tensors:
+            raise ValueError(f"'{shift.name}' changes no weight at these strengths; nothing to export")
+        dtype = {"fp16": "float16", "fp32": "float32"}[precision]
+        import torch
+
+        out = {k: v.to(getattr(torch, dtype)).contiguous() if v.ndim else v.float() for k, v in tensors.items()}
+        metadata = {
+            "svdiff.exported_from": shift.name,
+            "svdiff.architecture": shift.architecture,
+            "svdiff.export_rank": str(rank),
+            "svdiff.export_error": f"{report.total_error:.6e}",
+            "svdiff.export_per_layer_error": json.dumps({k: round(v, 6) for k, v in report.per_layer.items()}),
+        }
+        fileformat.atomic_save(target, out, metadata)
+        root = Path(folder_paths.get_folder_paths("loras")[0])
+        text = f"saved {target.relative_to(root).as_posix()} in models/loras\n{report.summary(rank)}"
+        log.info("SVDiff export: %s", text)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [
+    SVDiffLoader,
+    SVDiffLoadShift,
+    SVDiffApply,
+    SVDiffCombine,
+    SVDiffSelectLayers,
+    SVDiffSave,
+    SVDiffInspect,
+    SVDiffExportLoRA,
+]

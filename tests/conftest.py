@@ -1,0 +1,67 @@
+"""Test tiers and how the extension is imported.
+
+The repository root is imported as the package ``comfyui_svdiff`` (the name it has
+when installed under ComfyUI's custom_nodes/), so core tests and integration tests
+share one copy of every module. Integration tests need a real ComfyUI v0.8.0, found
+through COMFYUI_PATH, else the ComfyUI containing this checkout, else ~/ComfyUI;
+without one they are skipped and the run says so loudly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui_svdiff"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.comfy_env import find_comfyui  # noqa: E402
+
+
+def import_extension():
+    """The repository as the package ``comfyui_svdiff`` (idempotent)."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+import_extension()
+
+COMFYUI = find_comfyui()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: needs a real ComfyUI (COMFYUI_PATH or ~/ComfyUI)")
+
+
+def pytest_report_header(config):
+    if COMFYUI is None:
+        return "ComfyUI: NOT FOUND — integration tier skipped (set COMFYUI_PATH to a ComfyUI v0.8.0 checkout)"
+    return f"ComfyUI: using {COMFYUI}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI is not None:
+        return
+    skip = pytest.mark.skip(reason="integration tier skipped: no ComfyUI found (set COMFYUI_PATH)")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if COMFYUI is None:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("!" * 78, red=True, bold=True)
+        terminalreporter.write_line("!! integration tier skipped: no ComfyUI found (COMFYUI_PATH, custom_nodes parent, ~/ComfyUI)", red=True, bold=True)
+        terminalreporter.write_line("!" * 78, red=True, bold=True)
+    else:
+        terminalreporter.write_line(f"integration tier ran against ComfyUI at {COMFYUI}")
