@@ -68,6 +68,15 @@ def _sample_digest(tensor: torch.Tensor) -> bytes:
     return hashlib.sha256(memoryview(sample.view(torch.uint8).numpy())).digest()
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """Autograd version counter; inference tensors (ComfyUI runs nodes under
+    torch.inference_mode) have none, the sampled digest covers them."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 class _HashMemo:
     """id(tensor) → (weakref, version, data_ptr, sample digest, full hash).
 
@@ -85,7 +94,7 @@ class _HashMemo:
         if entry is None:
             return None
         ref, version, pointer, sample, digest = entry
-        if ref() is not tensor or version != tensor._version or pointer != tensor.data_ptr():
+        if ref() is not tensor or version != _version(tensor) or pointer != tensor.data_ptr():
             return None
         if _sample_digest(tensor) != sample:
             return None
@@ -96,7 +105,7 @@ class _HashMemo:
             ref = weakref.ref(tensor)
         except TypeError:  # tensor subclasses that refuse weak references
             return
-        entry = (ref, tensor._version, tensor.data_ptr(), _sample_digest(tensor), digest)
+        entry = (ref, _version(tensor), tensor.data_ptr(), _sample_digest(tensor), digest)
         with self._lock:
             if len(self._memo) > 4096:
                 self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}

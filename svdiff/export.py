@@ -21,16 +21,16 @@ from .spectral import Decomposition, as_matrix, spectral_gain, spectral_update
 class LayerExport:
     up: torch.Tensor  # (m, k) or (m, k, 1, 1) for conv kernels
     down: torch.Tensor  # (k, n) or (k, c_in, kh, kw)
-    kept_energy: float  # Σ kept g²
+    dropped_energy: float  # Σ g² over the singular values left out
     total_energy: float  # Σ g²
     nonzero: int
 
     @property
     def relative_error(self) -> float:
-        """‖ΔW − up·down‖_F / ‖ΔW‖_F (0 when exact)."""
+        """‖ΔW − up·down‖_F / ‖ΔW‖_F (exactly 0 when nothing was dropped)."""
         if self.total_energy == 0.0:
             return 0.0
-        return max(self.total_energy - self.kept_energy, 0.0) ** 0.5 / self.total_energy**0.5
+        return (self.dropped_energy / self.total_energy) ** 0.5
 
 
 def layer_factors(decomposition: Decomposition, weight: torch.Tensor, delta: torch.Tensor, rank: int) -> LayerExport | None:
@@ -40,16 +40,17 @@ def layer_factors(decomposition: Decomposition, weight: torch.Tensor, delta: tor
     if nonzero == 0:
         return None
     k = min(rank, nonzero)
-    order = torch.argsort(gain.abs(), descending=True)[:k]
+    ranking = torch.argsort(gain.abs(), descending=True)
+    order, dropped = ranking[:k], ranking[k:]
     g = gain[order]
-    left, right_t = _singular_vectors(decomposition, as_matrix(weight).to(torch.float64), order)
+    left, right_t = _singular_vectors(decomposition, as_matrix(weight.detach()).to(torch.float64), order)
     root = g.abs().sqrt()
     up = left * (root * torch.sign(g))
     down = root[:, None] * right_t
     if weight.ndim > 2:
         up = up.reshape(up.shape[0], k, *([1] * (weight.ndim - 2)))
         down = down.reshape(k, *weight.shape[1:])
-    return LayerExport(up.float(), down.float(), float((g**2).sum()), float((gain**2).sum()), nonzero)
+    return LayerExport(up.float(), down.float(), float((gain[dropped] ** 2).sum()), float((gain**2).sum()), nonzero)
 
 
 def _singular_vectors(decomposition: Decomposition, matrix: torch.Tensor, order: torch.Tensor):
@@ -112,7 +113,7 @@ def export_lora(model, clip, shift: SpectralShift, rank: int, strength_model: fl
     prepared = prepare(model, clip, shift, strength_model, strength_clip, ApplyReport(shift.name), progress, cache)
     tensors: dict[str, torch.Tensor] = {}
     report = ExportReport()
-    kept_sum = total_sum = 0.0
+    dropped_sum = total_sum = 0.0
     for part in prepared:
         for key, target in part.targets.items():
             stem = _lora_stem(part.component, target.param)
@@ -128,7 +129,7 @@ def export_lora(model, clip, shift: SpectralShift, rank: int, strength_model: fl
                 tensors[f"{stem}.alpha"] = torch.tensor(float(k))
                 report.layers += 1
                 report.exact_layers += int(k >= layer.nonzero)
-                kept_sum += layer.kept_energy
+                dropped_sum += layer.dropped_energy
                 total_sum += layer.total_energy
                 report.per_layer[stem] = layer.relative_error
                 if layer.relative_error > report.worst_error:
@@ -145,5 +146,5 @@ def export_lora(model, clip, shift: SpectralShift, rank: int, strength_model: fl
             tensors[name] = tensors[name] + update.float() if name in tensors else update.float()
             report.elementwise += 1
     if total_sum > 0:
-        report.total_error = max(total_sum - kept_sum, 0.0) ** 0.5 / total_sum**0.5
+        report.total_error = (dropped_sum / total_sum) ** 0.5
     return tensors, report

@@ -222,7 +222,7 @@ def spectral_update(
     tail_active = torch.nonzero(gain[head:]).flatten()
     if active.numel() == 0 and tail_active.numel() == 0:
         return None
-    matrix = as_matrix(weight).to(dtype)
+    matrix = as_matrix(weight.detach()).to(dtype)
     device = matrix.device
     m, n = decomposition.shape
     if tuple(matrix.shape) != (m, n):

@@ -82,3 +82,14 @@ def test_disabled_disk_cache_writes_nothing(tmp_path):
     cache = DecompositionCache(tmp_path / "c", ram_mb=64, disk_mb=0)
     cache.get_or_compute(make_weight((8, 8), torch.float32))
     assert not (tmp_path / "c").exists()
+
+
+def test_inference_tensors_can_be_hashed_and_memoised():
+    """ComfyUI runs nodes under torch.inference_mode: weights made there have no version counter."""
+    with torch.inference_mode():
+        w = make_weight((8, 12), torch.float32) * 1.0
+    first = content_hash(w)
+    assert content_hash(w) == first
+    with torch.inference_mode():
+        w.mul_(2.0)
+    assert content_hash(w) != first

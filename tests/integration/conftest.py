@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from support import tiny_models
-from support.comfy_env import find_comfyui
+from support.comfy_env import find_comfyui, setup_comfyui
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
-    """ComfyUI on the CPU with the extension's weight adapter registered.
+def comfy_handle(tmp_path_factory):
+    """A headless ComfyUI (CPU, temporary base folder) with this extension registered.
 
-    The decomposition cache is pointed at a temporary folder so tests never read
-    or write the user's ~/.cache.
+    The extension is the ``comfyui_svdiff`` package the tests import, registered
+    without a second import, and its decomposition cache points at a temporary
+    folder so tests never touch the user's ~/.cache.
     """
-    root = find_comfyui()
-    if root is None:
+    if find_comfyui() is None:
         pytest.skip("integration tier skipped: no ComfyUI found")
-    tiny_models.prepare_comfy_cpu(root)
-    from comfyui_svdiff.svdiff import cache, comfy_bridge
+    handle = setup_comfyui(base_dir=tmp_path_factory.mktemp("comfy-base"))
+    from comfyui_svdiff.svdiff import cache
 
-    assert comfy_bridge.register()
     cache.set_default_cache(cache.DecompositionCache(tmp_path_factory.mktemp("svdiff-cache"), ram_mb=512, disk_mb=512))
-    import comfy.sd  # noqa: F401
+    handle.register_module(sys.modules["comfyui_svdiff"])
+    import comfy.weight_adapter
 
-    return root
+    assert any(getattr(a, "name", None) == "svdiff" for a in comfy.weight_adapter.adapters)
+    return handle
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_handle):
+    return comfy_handle.root
 
 
 @pytest.fixture
@@ -36,3 +44,12 @@ def build(comfy):
         return tiny_models.build_model(arch, seed=seed, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfy_handle):
+    """A small SD1.5 checkpoint in models/checkpoints that CheckpointLoaderSimple loads."""
+    path = comfy_handle.model_dir("checkpoints") / "tiny_sd15.safetensors"
+    if not path.exists():
+        tiny_models.write_tiny_checkpoint(path, arch="SD15", seed=0)
+    return path.name
