@@ -42,8 +42,8 @@ def main() -> None:
             w = torch.randn(shape, generator=g) / (torch.tensor(shape[1:]).prod().item() ** 0.5)
             big = as_matrix(w).numel() > 4_000_000
             repeat = 1 if big else args.repeat
-            t_ours = timed(lambda: decompose(w), repeat=repeat, warmup=0 if big else 1)
-            t_svd = timed(lambda: torch.linalg.svd(as_matrix(w), full_matrices=False), repeat=repeat, warmup=0 if big else 1)
+            t_ours = timed(lambda w=w: decompose(w), repeat=repeat, warmup=0 if big else 1)
+            t_svd = timed(lambda w=w: torch.linalg.svd(as_matrix(w), full_matrices=False), repeat=repeat, warmup=0 if big else 1)
             d = decompose(w)
             s_ref = torch.linalg.svdvals(as_matrix(w).double())
             worst_sigma = max(worst_sigma, float(((d.sigma - s_ref).abs() / s_ref[0]).max()))

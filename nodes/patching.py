@@ -91,9 +91,7 @@ def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_cl
     strength_model = require_finite("strength_model", strength_model)
     strength_clip = require_finite("strength_clip", strength_clip)
     total = len(shift.tensors)
-    new_model, new_clip, report = apply_shift(
-        model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id)
-    )
+    new_model, new_clip, report = apply_shift(model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id))
     log.info("SVDiff applied %s", report.summary())
     return new_model, new_clip, report
 
@@ -109,7 +107,11 @@ class SVDiffLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch."),
                 io.Clip.Input("clip", optional=True, tooltip="The CLIP to patch (optional; text-encoder shifts are skipped without it)."),
-                io.Combo.Input("shift_name", options=shift_files(), tooltip="A .safetensors spectral-shift file in models/spectral_shifts (or an svdiff-pytorch spectral_shifts.safetensors)."),
+                io.Combo.Input(
+                    "shift_name",
+                    options=shift_files(),
+                    tooltip="A .safetensors spectral-shift file in models/spectral_shifts (or an svdiff-pytorch spectral_shifts.safetensors).",
+                ),
                 *_strength_inputs(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
@@ -259,7 +261,12 @@ class SVDiffSelectLayers(io.ComfyNode):
             ),
             inputs=[
                 SpectralShiftType.Input("shift"),
-                io.Combo.Input("mode", options=["keep", "drop"], default="keep", tooltip="keep: only the chosen layers remain. drop: the chosen layers are removed."),
+                io.Combo.Input(
+                    "mode",
+                    options=["keep", "drop"],
+                    default="keep",
+                    tooltip="keep: only the chosen layers remain. drop: the chosen layers are removed.",
+                ),
                 io.String.Input(
                     "input_blocks",
                     default="all",
@@ -275,7 +282,9 @@ class SVDiffSelectLayers(io.ComfyNode):
                     default="all",
                     tooltip="Up blocks by index (ComfyUI's output_blocks.N), lowest resolution first: 'all', 'none' or e.g. '0-2'. SD1.x/2.x has 0-11 (three per level), SDXL 0-8.",
                 ),
-                io.Boolean.Input("other_unet", default=True, tooltip="UNet layers outside the blocks: time/label embeddings and the output layers."),
+                io.Boolean.Input(
+                    "other_unet", default=True, tooltip="UNet layers outside the blocks: time/label embeddings and the output layers."
+                ),
                 io.Boolean.Input("text_encoder", default=True, tooltip="All text-encoder layers."),
                 io.String.Input(
                     "name_patterns",
@@ -313,14 +322,20 @@ class SVDiffSave(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 SpectralShiftType.Input("shift"),
-                io.String.Input("filename_prefix", default="svdiff/shift", tooltip="Name relative to models/spectral_shifts; a number is appended if the file exists."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="svdiff/shift",
+                    tooltip="Name relative to models/spectral_shifts; a number is appended if the file exists.",
+                ),
                 io.Combo.Input(
                     "precision",
                     options=["fp16", "fp32"],
                     default="fp16",
                     tooltip="fp16 halves the file; the round-trip error of δ is below 5e-4 relative (see README), far below what changes an image.",
                 ),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of exactly this name instead of numbering a new one."),
+                io.Boolean.Input(
+                    "overwrite", default=False, tooltip="Replace an existing file of exactly this name instead of numbering a new one."
+                ),
                 io.String.Input("trigger_words", default="", optional=True, tooltip="Stored in the metadata and shown by loaders."),
                 io.String.Input("description", default="", optional=True, multiline=True),
             ],
@@ -386,9 +401,19 @@ class SVDiffExportLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="The base model the shift is for (its weights define ΔW)."),
                 io.Clip.Input("clip", optional=True),
                 SpectralShiftType.Input("shift"),
-                io.Int.Input("rank", default=64, min=1, max=4096, tooltip="LoRA rank per layer. A spectral shift of a layer with r singular values is exact at rank r."),
+                io.Int.Input(
+                    "rank",
+                    default=64,
+                    min=1,
+                    max=4096,
+                    tooltip="LoRA rank per layer. A spectral shift of a layer with r singular values is exact at rank r.",
+                ),
                 *_strength_inputs(),
-                io.String.Input("filename_prefix", default="svdiff/exported_lora", tooltip="Name relative to models/loras; a number is appended if the file exists."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="svdiff/exported_lora",
+                    tooltip="Name relative to models/loras; a number is appended if the file exists.",
+                ),
                 io.Combo.Input("precision", options=["fp16", "fp32"], default="fp16"),
             ],
             outputs=[io.String.Output(display_name="report")],

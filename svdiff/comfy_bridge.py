@@ -53,7 +53,14 @@ class SpectralShiftAdapter(WeightAdapterBase):
         self.weights = terms  # WeightAdapterBase declares this attribute
 
     @classmethod
-    def load(cls, x: str, lora: dict[str, torch.Tensor], alpha: float | None, dora_scale: torch.Tensor | None, loaded_keys: set[str] | None = None):
+    def load(
+        cls,
+        x: str,
+        lora: dict[str, torch.Tensor],
+        alpha: float | None,
+        dora_scale: torch.Tensor | None,
+        loaded_keys: set[str] | None = None,
+    ):
         """Recognise ``<x>.delta`` in a file handed to ComfyUI's LoRA loader."""
         key = f"{x}{SPECTRAL_SUFFIX}"
         if key not in lora:

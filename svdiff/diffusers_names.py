@@ -80,8 +80,7 @@ def unet_module_to_ldm(module: str, source: str = "file") -> str:
         index = 2 if level in UP_LEVELS_WITH_ATTENTION else 1
         return f"output_blocks.{block}.{index}.conv"
     raise UnknownModuleError(
-        f"'{source}': '{module}' is not a module of a Stable Diffusion 1.x/2.x UNet; "
-        "only SD1.x/SD2.x svdiff-pytorch files can be imported"
+        f"'{source}': '{module}' is not a module of a Stable Diffusion 1.x/2.x UNet; only SD1.x/SD2.x svdiff-pytorch files can be imported"
     )
 
 

@@ -98,7 +98,9 @@ def _lora_stem(component: str, param: str) -> str:
     return CLIP_PREFIX + stem if component == "clip" else stem
 
 
-def export_lora(model, clip, shift: SpectralShift, rank: int, strength_model: float = 1.0, strength_clip: float = 1.0, progress=None, cache=None):
+def export_lora(
+    model, clip, shift: SpectralShift, rank: int, strength_model: float = 1.0, strength_clip: float = 1.0, progress=None, cache=None
+):
     """``(tensors, report)`` of a LoRA equivalent to applying ``shift`` at the strengths.
 
     Spectral layers become ``<stem>.lora_up.weight`` / ``.lora_down.weight`` /

@@ -56,8 +56,7 @@ def read_shift(path: str | os.PathLike) -> SpectralShift:
         if fmt != str(FORMAT_VERSION):
             if fmt.isdigit() and int(fmt) > FORMAT_VERSION:
                 raise ShiftFileError(
-                    f"'{name}' uses spectral-shift format {fmt}, newer than this extension reads "
-                    f"({FORMAT_VERSION}); update ComfyUI-SVDiff"
+                    f"'{name}' uses spectral-shift format {fmt}, newer than this extension reads ({FORMAT_VERSION}); update ComfyUI-SVDiff"
                 )
             raise ShiftFileError(f"'{name}' declares an unknown spectral-shift format '{fmt[:40]}'")
         return _read_v1(path, metadata, keys)
@@ -152,9 +151,7 @@ def check_tensors(name: str, tensors: dict[str, torch.Tensor]) -> None:
     for key, t in tensors.items():
         target = parse_key(key)
         if target.kind == "spectral" and (t.ndim != 1 or t.numel() == 0):
-            raise ShiftFileError(
-                f"'{name}': '{key}' must be a non-empty vector of singular-value shifts, got shape {tuple(t.shape)}"
-            )
+            raise ShiftFileError(f"'{name}': '{key}' must be a non-empty vector of singular-value shifts, got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise ShiftFileError(f"'{name}': '{key}' contains {bad} NaN/Inf values; the file is corrupt or training diverged")

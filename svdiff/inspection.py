@@ -129,7 +129,13 @@ def _font(size: int):
 
 
 def bar_chart(
-    values: OrderedDict[str, float], title: str, y_label: str, width: int = 900, height: int = 420, signed: bool = False, fixed_max: float | None = None
+    values: OrderedDict[str, float],
+    title: str,
+    y_label: str,
+    width: int = 900,
+    height: int = 420,
+    signed: bool = False,
+    fixed_max: float | None = None,
 ) -> Image.Image:
     """A labelled bar chart; ``signed`` puts the zero line mid-height. Labels are ASCII
     (PIL's default font has no Greek letters)."""
@@ -171,9 +177,11 @@ def bar_chart(
         draw.rectangle([x0, min(zero_y, y1), x0 + bar, max(zero_y, y1)], fill=color)
         if i % label_every == 0:
             text = Image.new("L", (bottom - 8, 12), 255)
-            ImageDraw.Draw(text).text((0, 0), label[: 16], fill=0, font=label_font)
+            ImageDraw.Draw(text).text((0, 0), label[:16], fill=0, font=label_font)
             rotated = text.rotate(90, expand=True)
-            image.paste(Image.new("RGB", rotated.size, "black"), (int(x0 + bar / 2 - 6), top + plot_h + 4), Image.eval(rotated, lambda p: 255 - p))
+            image.paste(
+                Image.new("RGB", rotated.size, "black"), (int(x0 + bar / 2 - 6), top + plot_h + 4), Image.eval(rotated, lambda p: 255 - p)
+            )
     return image
 
 
@@ -194,5 +202,7 @@ def cosine_plot(a: SpectralShift, b: SpectralShift) -> Image.Image:
 
 def to_image_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images (same size) → ComfyUI IMAGE tensor ``(B, H, W, 3)`` in [0, 1]."""
-    arrays = [torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3) for img in images]
+    arrays = [
+        torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3) for img in images
+    ]
     return torch.stack(arrays).float() / 255.0

@@ -61,7 +61,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if COMFYUI is None:
         terminalreporter.write_line("")
         terminalreporter.write_line("!" * 78, red=True, bold=True)
-        terminalreporter.write_line("!! integration tier skipped: no ComfyUI found (COMFYUI_PATH, custom_nodes parent, ~/ComfyUI)", red=True, bold=True)
+        terminalreporter.write_line(
+            "!! integration tier skipped: no ComfyUI found (COMFYUI_PATH, custom_nodes parent, ~/ComfyUI)", red=True, bold=True
+        )
         terminalreporter.write_line("!" * 78, red=True, bold=True)
     else:
         terminalreporter.write_line(f"integration tier ran against ComfyUI at {COMFYUI}")

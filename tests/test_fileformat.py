@@ -244,7 +244,9 @@ def test_svdiff_pytorch_import_with_text_encoder(tmp_path):
     assert shift.name == "dog"
     assert shift.metadata["svdiff.source"] == "svdiff-pytorch"
     expected = {
-        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.delta": unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.delta"],
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.delta": unet[
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.delta"
+        ],
         "diffusion_model.input_blocks.1.0.in_layers.0.delta": unet["down_blocks.0.resnets.0.norm1.delta"],
         "diffusion_model.input_blocks.0.0.delta": unet["conv_in.delta"],
         "text_encoders.clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.delta": te["text_model.encoder.layers.3.mlp.fc1.delta"],

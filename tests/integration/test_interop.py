@@ -135,7 +135,13 @@ def test_svdiff_pytorch_file_applies_correctly(build, tmp_path):
     # Reference: svdiff-pytorch's own semantics, W' = U diag(ReLU(σ + δ)) Vᵀ per module;
     # for a norm layer (a 1 × C matrix) that is w · ReLU(‖w‖ + δ) / ‖w‖.
     base_m = base_state(model)
-    reference = SpectralShift({"diffusion_model." + ldm[: -len(".weight")] + ".delta": unet_file[ldm_to_diffusers[ldm][: -len(".weight")] + ".delta"] for ldm in sd if ldm in ldm_to_diffusers and ldm.endswith(".weight")})
+    reference = SpectralShift(
+        {
+            "diffusion_model." + ldm[: -len(".weight")] + ".delta": unet_file[ldm_to_diffusers[ldm][: -len(".weight")] + ".delta"]
+            for ldm in sd
+            if ldm in ldm_to_diffusers and ldm.endswith(".weight")
+        }
+    )
     expected = expected_state(base_m, "diffusion_model.", [(reference, 1.0)])
     for ldm, scalar in norm_scalars.items():
         w = base_m["diffusion_model." + ldm].double()

@@ -43,8 +43,16 @@ def txt2img(ckpt, extra: dict, model_ref=("1", 0), clip_ref=("1", 1), seed=7, sa
         "5": {
             "class_type": "KSampler",
             "inputs": {
-                "model": list(model_ref), "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                "seed": seed, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                "model": list(model_ref),
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": 2,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
             },
         },
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": save_latent}},
@@ -60,7 +68,12 @@ def latent_of(result) -> torch.Tensor:
 
 def test_loader_patches_sampling_and_strength_zero_is_identity(comfy_handle, tiny_checkpoint, files):
     base = comfy_handle.run_prompt(txt2img(tiny_checkpoint, {}, save_latent="t/base"), fresh_executor=True).raise_for_error()
-    loader = {"10": {"class_type": "SVDiffLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": "dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}}
+    loader = {
+        "10": {
+            "class_type": "SVDiffLoader",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": "dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+        }
+    }
     shifted = comfy_handle.run_prompt(txt2img(tiny_checkpoint, loader, ("10", 0), ("10", 1), save_latent="t/dog")).raise_for_error()
     loader["10"]["inputs"].update(strength_model=0.0, strength_clip=0.0)
     zero = comfy_handle.run_prompt(txt2img(tiny_checkpoint, loader, ("10", 0), ("10", 1), save_latent="t/zero")).raise_for_error()
@@ -74,10 +87,19 @@ def test_chained_with_a_stock_lora_and_a_second_shift(comfy_handle, tiny_checkpo
     lora = tiny_models.make_test_lora(model=model, clip=clip, rank=4, seed=3, scale=0.2)
     save_file({k: v.contiguous() for k, v in lora.items()}, str(comfy_handle.model_dir("loras") / "style.safetensors"))
     extra = {
-        "10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 0.8}},
-        "11": {"class_type": "SVDiffLoader", "inputs": {"model": ["10", 0], "clip": ["10", 1], "shift_name": "dog.safetensors", "strength_model": 0.7, "strength_clip": 1.0}},
+        "10": {
+            "class_type": "LoraLoader",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 0.8},
+        },
+        "11": {
+            "class_type": "SVDiffLoader",
+            "inputs": {"model": ["10", 0], "clip": ["10", 1], "shift_name": "dog.safetensors", "strength_model": 0.7, "strength_clip": 1.0},
+        },
         "12": {"class_type": "SVDiffLoadShift", "inputs": {"shift_name": "cat.safetensors"}},
-        "13": {"class_type": "SVDiffApply", "inputs": {"model": ["11", 0], "clip": ["11", 1], "shift": ["12", 0], "strength_model": 0.5, "strength_clip": 0.5}},
+        "13": {
+            "class_type": "SVDiffApply",
+            "inputs": {"model": ["11", 0], "clip": ["11", 1], "shift": ["12", 0], "strength_model": 0.5, "strength_clip": 0.5},
+        },
     }
     result = comfy_handle.run_prompt(txt2img(tiny_checkpoint, extra, ("13", 0), ("13", 1), save_latent="t/chain")).raise_for_error()
     assert torch.isfinite(latent_of(result)).all()
@@ -88,10 +110,44 @@ def test_combine_select_save_inspect(comfy_handle, files):
     prompt = {
         "1": {"class_type": "SVDiffLoadShift", "inputs": {"shift_name": "dog.safetensors"}},
         "2": {"class_type": "SVDiffLoadShift", "inputs": {"shift_name": "cat.safetensors"}},
-        "3": {"class_type": "SVDiffSelectLayers", "inputs": {"shift": ["1", 0], "mode": "keep", "input_blocks": "all", "middle_block": False, "output_blocks": "none", "other_unet": False, "text_encoder": False, "name_patterns": ""}},
-        "4": {"class_type": "SVDiffSelectLayers", "inputs": {"shift": ["2", 0], "mode": "drop", "input_blocks": "all", "middle_block": False, "output_blocks": "none", "other_unet": False, "text_encoder": False, "name_patterns": ""}},
+        "3": {
+            "class_type": "SVDiffSelectLayers",
+            "inputs": {
+                "shift": ["1", 0],
+                "mode": "keep",
+                "input_blocks": "all",
+                "middle_block": False,
+                "output_blocks": "none",
+                "other_unet": False,
+                "text_encoder": False,
+                "name_patterns": "",
+            },
+        },
+        "4": {
+            "class_type": "SVDiffSelectLayers",
+            "inputs": {
+                "shift": ["2", 0],
+                "mode": "drop",
+                "input_blocks": "all",
+                "middle_block": False,
+                "output_blocks": "none",
+                "other_unet": False,
+                "text_encoder": False,
+                "name_patterns": "",
+            },
+        },
         "5": {"class_type": "SVDiffCombine", "inputs": {"shift_a": ["3", 0], "weight_a": 1.0, "shift_b": ["4", 0], "weight_b": 1.0}},
-        "6": {"class_type": "SVDiffSave", "inputs": {"shift": ["5", 0], "filename_prefix": "mixed/dog_in_cat_out", "precision": "fp32", "overwrite": False, "trigger_words": "sks", "description": "style mix"}},
+        "6": {
+            "class_type": "SVDiffSave",
+            "inputs": {
+                "shift": ["5", 0],
+                "filename_prefix": "mixed/dog_in_cat_out",
+                "precision": "fp32",
+                "overwrite": False,
+                "trigger_words": "sks",
+                "description": "style mix",
+            },
+        },
         "7": {"class_type": "SVDiffInspect", "inputs": {"shift": ["5", 0], "shift_b": ["2", 0]}},
     }
     result = comfy_handle.run_prompt(prompt, fresh_executor=True).raise_for_error()
@@ -101,7 +157,14 @@ def test_combine_select_save_inspect(comfy_handle, files):
     assert mixed.metadata["svdiff.trigger_words"] == "sks"
     for key, tensor in mixed.tensors.items():
         source = dog if ".input_blocks." in key else cat
-        assert ".input_blocks." in key or key.startswith("text_encoders.") or ".output_blocks." in key or ".middle_block." in key or ".out." in key or "time_embed" in key
+        assert (
+            ".input_blocks." in key
+            or key.startswith("text_encoders.")
+            or ".output_blocks." in key
+            or ".middle_block." in key
+            or ".out." in key
+            or "time_embed" in key
+        )
         assert torch.equal(tensor, source.tensors[key]), key
     assert any(".input_blocks." in k for k in mixed.tensors) and any(".output_blocks." in k for k in mixed.tensors)
     inspect = result.output("7")
@@ -119,7 +182,16 @@ def test_export_lora_node_writes_a_lora_the_stock_loader_applies(comfy_handle, t
         "2": {"class_type": "SVDiffLoadShift", "inputs": {"shift_name": "dog.safetensors"}},
         "3": {
             "class_type": "SVDiffExportLoRA",
-            "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift": ["2", 0], "rank": 8, "strength_model": 1.0, "strength_clip": 1.0, "filename_prefix": "exported/dog_r8", "precision": "fp16"},
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "shift": ["2", 0],
+                "rank": 8,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+                "filename_prefix": "exported/dog_r8",
+                "precision": "fp16",
+            },
         },
     }
     result = comfy_handle.run_prompt(prompt, fresh_executor=True).raise_for_error()
@@ -130,16 +202,45 @@ def test_export_lora_node_writes_a_lora_the_stock_loader_applies(comfy_handle, t
         keys = list(f.keys())
         assert f.metadata()["svdiff.export_rank"] == "8"
     assert any(k.endswith(".lora_up.weight") for k in keys)
-    use = {"10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "exported/dog_r8.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}}
+    use = {
+        "10": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "exported/dog_r8.safetensors",
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        }
+    }
     comfy_handle.run_prompt(txt2img(tiny_checkpoint, use, ("10", 0), ("10", 1), save_latent="t/exported")).raise_for_error()
 
 
 def test_stock_load_lora_node_reads_a_shift_file(comfy_handle, tiny_checkpoint, files):
     target = comfy_handle.model_dir("loras") / "dog_as_lora.safetensors"
     target.write_bytes(files["dog"].read_bytes())
-    use = {"10": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "dog_as_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}}
-    stock = comfy_handle.run_prompt(txt2img(tiny_checkpoint, use, ("10", 0), ("10", 1), save_latent="t/stock"), fresh_executor=True).raise_for_error()
-    ours = {"10": {"class_type": "SVDiffLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": "dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}}
+    use = {
+        "10": {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "dog_as_lora.safetensors",
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        }
+    }
+    stock = comfy_handle.run_prompt(
+        txt2img(tiny_checkpoint, use, ("10", 0), ("10", 1), save_latent="t/stock"), fresh_executor=True
+    ).raise_for_error()
+    ours = {
+        "10": {
+            "class_type": "SVDiffLoader",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": "dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+        }
+    }
     mine = comfy_handle.run_prompt(txt2img(tiny_checkpoint, ours, ("10", 0), ("10", 1), save_latent="t/ours")).raise_for_error()
     torch.testing.assert_close(latent_of(stock), latent_of(mine), rtol=1e-3, atol=1e-3)
 
@@ -151,11 +252,28 @@ def test_stock_load_lora_node_reads_a_shift_file(comfy_handle, tiny_checkpoint, 
 def apply_prompt(ckpt, shift_name, strength=1.0):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "SVDiffLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": shift_name, "strength_model": strength, "strength_clip": 1.0}},
+        "2": {
+            "class_type": "SVDiffLoader",
+            "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": shift_name, "strength_model": strength, "strength_clip": 1.0},
+        },
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "x"}},
         "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["2", 0],
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["5", 0],
+                "seed": 1,
+                "steps": 1,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "t/bad"}},
     }
 
@@ -164,7 +282,11 @@ def test_bad_inputs_give_clear_messages_and_the_server_keeps_working(comfy_handl
     folder = comfy_handle.model_dir("spectral_shifts")
     (folder / "truncated.safetensors").write_bytes(files["dog"].read_bytes()[:-40])
     torch.save({"x": torch.zeros(1)}, folder / "pickled.safetensors")  # a pickle behind a .safetensors name
-    save_file({"diffusion_model.input_blocks.1.1.proj_in.delta": torch.tensor([float("nan"), 1.0])}, str(folder / "nan.safetensors"), metadata={"svdiff.format": "1"})
+    save_file(
+        {"diffusion_model.input_blocks.1.1.proj_in.delta": torch.tensor([float("nan"), 1.0])},
+        str(folder / "nan.safetensors"),
+        metadata={"svdiff.format": "1"},
+    )
     (folder / "empty.safetensors").write_bytes(b"")
     cases = {
         "made_for_sdxl.safetensors": "does not fit this model",
@@ -190,7 +312,10 @@ def test_save_refuses_paths_outside_the_model_folder(comfy_handle, files, tmp_pa
     for prefix in ["../escape", "/tmp/abs", "a/../../b", ".hidden/x", "C:/windows"]:
         prompt = {
             "1": {"class_type": "SVDiffLoadShift", "inputs": {"shift_name": "dog.safetensors"}},
-            "2": {"class_type": "SVDiffSave", "inputs": {"shift": ["1", 0], "filename_prefix": prefix, "precision": "fp16", "overwrite": False}},
+            "2": {
+                "class_type": "SVDiffSave",
+                "inputs": {"shift": ["1", 0], "filename_prefix": prefix, "precision": "fp16", "overwrite": False},
+            },
         }
         result = comfy_handle.run_prompt(prompt, fresh_executor=True)
         assert not result.success, prefix
