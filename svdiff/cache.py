@@ -4,9 +4,8 @@ Entries are keyed by the SHA-256 of a weight's bytes, dtype and shape, so a cach
 entry can never be served for weights that changed (another checkpoint of the same
 architecture, a merged LoRA): different bytes, different key.
 
-* Hashing a full SD1.5 UNet costs ~2 s, so hashes are memoised per tensor object
-  (weakly; invalidated by the tensor's version counter, its storage pointer, and a
-  strided sample of its values, which catches in-place writes through ``.data``).
+* Hashing a full SD1.5 UNet costs ~2 s, so hashes are memoised per storage
+  location and revalidated on every use by a hash of a strided sample of the values.
 * Memory: decompositions are held by the patches that use them; a small LRU of
   recently used ones (``SVDIFF_CACHE_RAM_MB``, default 2048) keeps them across
   prompts when the patched model itself was dropped.
@@ -55,61 +54,54 @@ def default_cache_dir() -> Path:
 # Content hashes
 
 
-SAMPLE_ELEMENTS = 4096
+SAMPLE_ELEMENTS = 16384
+MEMO_ENTRIES = 16384
 
 
 def _sample_digest(tensor: torch.Tensor) -> bytes:
-    """Hash of ~4096 evenly strided elements: microseconds, and it changes when a
-    weight is rewritten in place through ``.data`` (which bumps no version counter,
-    e.g. comfy.utils.copy_to_param) in all but contrived cases."""
+    """Hash of ~16k evenly strided elements: microseconds, and different whenever a
+    weight was rewritten (a fine-tune, a merged LoRA, in-place writes through
+    ``.data`` that bump no version counter) in all but contrived cases."""
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // SAMPLE_ELEMENTS)
     sample = flat[::step].to("cpu").contiguous()
     return hashlib.sha256(memoryview(sample.view(torch.uint8).numpy())).digest()
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """Autograd version counter; inference tensors (ComfyUI runs nodes under
-    torch.inference_mode) have none, the sampled digest covers them."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return -1
-
-
 class _HashMemo:
-    """id(tensor) → (weakref, version, data_ptr, sample digest, full hash).
+    """Full content hashes, remembered per storage location.
 
-    Not a WeakKeyDictionary: that compares keys with ``==``, which on tensors is
-    elementwise. Identity is checked through the weak reference instead.
+    Keyed by where the data lives (device, pointer, dtype, shape, strides), not by
+    the Python object: ComfyUI wraps restored weights in new ``Parameter`` objects
+    on every unpatch, but they keep pointing at the same storage. A hit is only
+    served when a sample of the values still hashes the same, so memory reused for
+    other weights, or weights changed in place, are hashed afresh.
     """
 
     def __init__(self) -> None:
-        self._memo: dict[int, tuple] = {}
+        self._memo: OrderedDict[tuple, tuple[bytes, str]] = OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> tuple:
+        return (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+
     def get(self, tensor: torch.Tensor) -> str | None:
+        key = self._key(tensor)
         with self._lock:
-            entry = self._memo.get(id(tensor))
-        if entry is None:
+            entry = self._memo.get(key)
+            if entry is not None:
+                self._memo.move_to_end(key)
+        if entry is None or _sample_digest(tensor) != entry[0]:
             return None
-        ref, version, pointer, sample, digest = entry
-        if ref() is not tensor or version != _version(tensor) or pointer != tensor.data_ptr():
-            return None
-        if _sample_digest(tensor) != sample:
-            return None
-        return digest
+        return entry[1]
 
     def put(self, tensor: torch.Tensor, digest: str) -> None:
-        try:
-            ref = weakref.ref(tensor)
-        except TypeError:  # tensor subclasses that refuse weak references
-            return
-        entry = (ref, _version(tensor), tensor.data_ptr(), _sample_digest(tensor), digest)
+        entry = (_sample_digest(tensor), digest)
         with self._lock:
-            if len(self._memo) > 4096:
-                self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}
-            self._memo[id(tensor)] = entry
+            self._memo[self._key(tensor)] = entry
+            while len(self._memo) > MEMO_ENTRIES:
+                self._memo.popitem(last=False)
 
 
 _hash_memo = _HashMemo()

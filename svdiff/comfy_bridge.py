@@ -105,17 +105,29 @@ class SpectralShiftAdapter(WeightAdapterBase):
         decomposition = self.decomposition
         if decomposition is None:
             decomposition = default_cache().get_or_compute(base)
-        update = spectral_update(decomposition, base, self.total_shift(strength))
-        if update is None:
-            return weight
+        delta = self.total_shift(strength)
         if function is None:
             function = _identity
+        if base is weight and weight.dtype == torch.float32 and weight.is_contiguous() and _is_identity(function, weight):
+            # Usual case (our patch is first, full-precision compute): ComfyUI hands
+            # us its own copy of the weight, which becomes W + ΔW in place.
+            spectral_update(decomposition, weight, delta, in_place=True)
+            return weight
+        update = spectral_update(decomposition, base, delta)
+        if update is None:
+            return weight
         weight += function(update.to(weight.dtype))
         return weight
 
 
 def _identity(x):
     return x
+
+
+def _is_identity(function, like: torch.Tensor) -> bool:
+    """ComfyUI hands patches an identity lambda when they carry no function."""
+    probe = like.new_zeros(())
+    return function(probe) is probe
 
 
 def is_spectral_patch(patch: tuple) -> bool:

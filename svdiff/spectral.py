@@ -199,11 +199,17 @@ def shifted_sigma(sigma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return sigma.to(torch.float64) + spectral_gain(sigma, delta)
 
 
+# Columns (left side) or rows (right side) per block of the in-place projector
+# product: large enough for GEMM efficiency, small enough to stay in cache.
+IN_PLACE_BLOCK = 2048
+
+
 def spectral_update(
     decomposition: Decomposition,
     weight: torch.Tensor,
     delta: torch.Tensor,
     dtype: torch.dtype = torch.float32,
+    in_place: bool = False,
 ) -> torch.Tensor | None:
     """``ΔW = U diag(ReLU(σ + δ) − σ) Vᵀ`` for the unpatched ``weight``.
 
@@ -212,6 +218,11 @@ def spectral_update(
     ``dtype`` (float32 by default: in half precision the projection ``Uᵀ W`` would
     lose the small singular directions). Returns ``None`` when ``g`` is all zero, so
     callers can skip the add and keep the weight bit-identical.
+
+    With ``in_place`` (``weight`` contiguous and already in ``dtype``), ``weight``
+    itself becomes ``W + ΔW`` and is returned: the additions ride on the GEMMs
+    (β = 1) and no full-size temporary is allocated — what patching a copy of a
+    weight needs.
 
     Cost, m ≤ n, with k the number of non-zero entries of g in the head and t in
     the tail: ``min(4kmn, 2m²k + 2m²n) + 2tmn`` flops.
@@ -222,6 +233,8 @@ def spectral_update(
     tail_active = torch.nonzero(gain[head:]).flatten()
     if active.numel() == 0 and tail_active.numel() == 0:
         return None
+    if in_place and (weight.dtype != dtype or not weight.is_contiguous()):
+        raise ValueError("in-place spectral update needs a contiguous weight in the compute dtype")
     matrix = as_matrix(weight.detach()).to(dtype)
     device = matrix.device
     m, n = decomposition.shape
@@ -229,43 +242,58 @@ def spectral_update(
         raise ValueError(f"weight of matrix shape {tuple(matrix.shape)} does not match its decomposition {(m, n)}")
     left = decomposition.side == "left"
     basis = decomposition.basis.to(device=device, dtype=dtype)
-    update = None
+    out = matrix if in_place else None
+
+    def accumulate(a: torch.Tensor, b: torch.Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = a @ b
+        else:
+            out.addmm_(a, b)
 
     if active.numel():
         coefficient = (gain[active] / decomposition.sigma[active]).to(device=device, dtype=dtype)
         k = active.numel()
         r = basis.shape[0]
         long_side = n if left else m
-        selected = basis[:, active]
+        # Full-rank shifts (the common case) skip the gather of basis columns.
+        selected = basis if k == r else basis[:, active]
         if 2 * r * r * (k + long_side) <= 4 * k * r * long_side:
             # Projector P = B diag(c) Bᵀ (r × r) first, then one GEMM with W.
             projector = (selected * coefficient) @ selected.T
-            update = projector @ matrix if left else matrix @ projector
+            if in_place:
+                _project_in_place(matrix, projector, left)
+            else:
+                out = projector @ matrix if left else matrix @ projector
         elif left:
-            update = (selected * coefficient) @ (selected.T @ matrix)
+            accumulate(selected * coefficient, selected.T @ matrix)
         else:
-            update = (matrix @ selected) @ (selected * coefficient).T
+            accumulate(matrix @ selected, (selected * coefficient).T)
 
     if tail_active.numel():
-        columns = head + tail_active
-        g = gain[columns].to(device=device, dtype=dtype)
-        near = basis[:, columns] * g
-        far = decomposition.tail.to(device=device, dtype=dtype)[:, tail_active]
-        tail_update = near @ far.T if left else far @ near.T
-        update = tail_update if update is None else update.add_(tail_update)
-    return update.reshape(weight.shape)
+        far = decomposition.tail.to(device=device, dtype=dtype)
+        if tail_active.numel() == far.shape[1]:  # whole tail shifted: views, no gathers
+            g = gain[head:].to(device=device, dtype=dtype)
+            near = basis[:, head:] * g
+        else:
+            g = gain[head + tail_active].to(device=device, dtype=dtype)
+            near = basis[:, head + tail_active] * g
+            far = far[:, tail_active]
+        accumulate(*((near, far.T) if left else (far, near.T)))
+    return weight if in_place else out.reshape(weight.shape)
 
 
-def low_rank_factors(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of a weight update (Eckart–Young).
+def _project_in_place(matrix: torch.Tensor, projector: torch.Tensor, left: bool) -> None:
+    """``W ← W + P W`` (left) or ``W ← W + W P`` (right), block by block.
 
-    Returns ``(up: (m, k), down: (k, n), singular_values: (r,))`` with
-    ``up @ down`` the optimal rank-k approximation of ``as_matrix(update)`` in
-    Frobenius and spectral norm; ``k = min(rank, r)``; singular values are those of
-    the full update, for error reporting. Computed in float64.
+    Each block of columns (rows) only depends on itself, so updating blocks in place
+    is exact and needs one block-sized temporary instead of a full copy of W.
     """
-    matrix = as_matrix(update).to(torch.float64)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = min(rank, s.shape[0])
-    root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k], s
+    size = matrix.shape[1] if left else matrix.shape[0]
+    for start in range(0, size, IN_PLACE_BLOCK):
+        if left:
+            block = matrix[:, start : start + IN_PLACE_BLOCK]
+            block.add_(projector @ block)
+        else:
+            block = matrix[start : start + IN_PLACE_BLOCK]
+            block.add_(block @ projector)

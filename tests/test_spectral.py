@@ -194,3 +194,18 @@ def test_ill_conditioned_weights_keep_float32_accuracy(shape):
     expected = reference_update(weight, delta)
     got = spectral_update(decomposition, weight, delta)
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (96, 40), (40, 16, 3, 3), (8, 5000), (5000, 8)])
+def test_in_place_update_equals_weight_plus_update(shape):
+    """Blocked in-place patching (blocks of 2048 columns/rows) is exact."""
+    weight = make_weight(shape, torch.float32, spread=5.0)
+    d = decompose(weight)
+    for delta in (0.1 * torch.randn(d.rank, generator=torch.Generator().manual_seed(6)), torch.full((3,), 0.2)):
+        expected = weight + spectral_update(d, weight, delta)
+        target = weight.clone()
+        assert spectral_update(d, target, delta, in_place=True) is target
+        torch.testing.assert_close(target, expected, rtol=0, atol=1e-6)
+    untouched = weight.clone()
+    assert spectral_update(d, untouched, torch.zeros(2), in_place=True) is None
+    assert torch.equal(untouched, weight)
