@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from common import header, random_unet, setup_comfy
 
 
@@ -73,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_comfy()
     import comfy.sd
+
     from comfyui_svdiff.svdiff import cache as cache_module
     from comfyui_svdiff.svdiff import comfy_bridge
     from comfyui_svdiff.svdiff.apply import apply_shift
