@@ -31,8 +31,9 @@ def group_of(key: str) -> str:
         block = unet_block(target.param)
         if block is not None:
             name, index = block
-            return "mid" if name == "middle" else f"{name[:3] if name == 'output' else 'in'} {index}"
-        return target.param.split(".")[1]
+            return {"input": f"in {index}", "middle": "mid", "output": f"out {index}"}[name]
+        first = target.param.split(".")[1]
+        return "final" if first == "out" else first
     match = _CLIP_LAYER.match(target.param)
     if match:
         return f"{match.group(1)} {match.group(2)}"
@@ -40,9 +41,9 @@ def group_of(key: str) -> str:
 
 
 def _sort_key(group: str) -> tuple:
-    order = {"time_embed": 0, "label_emb": 1, "in": 2, "mid": 3, "out": 4}
+    order = {"time_embed": 0, "label_emb": 1, "in": 2, "mid": 3, "out": 4, "final": 5}
     head, _, tail = group.partition(" ")
-    rank = order.get(head, 5 if not head.startswith("clip") else 6)
+    rank = order.get(head, 6 if not head.startswith("clip") else 7)
     return (rank, head, int(tail) if tail.isdigit() else -1, tail)
 
 
@@ -144,7 +145,7 @@ def bar_chart(
     title_font, label_font = _font(16), _font(11)
     left, right, top, bottom = 70, 20, 36, 90
     plot_w, plot_h = width - left - right, height - top - bottom
-    draw.text((left, 8), title, fill="black", font=title_font)
+    draw.text((left, 8), f"{title}   [y: {y_label}]", fill="black", font=title_font)
     draw.line([(left, top), (left, top + plot_h)], fill="black")
     if not values:
         draw.text((left + 10, top + plot_h // 2), "nothing to plot", fill="gray", font=label_font)
@@ -165,7 +166,6 @@ def bar_chart(
         if signed:
             y = zero_y + fraction * vmax * scale
             draw.text((4, y - 6), f"{-fraction * vmax:.2g}", fill="black", font=label_font)
-    draw.text((4, top - 18), y_label, fill="black", font=label_font)
     n = len(values)
     slot = plot_w / n
     bar = max(1.0, slot * 0.8)

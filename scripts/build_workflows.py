@@ -1,0 +1,254 @@
+"""Write the example workflows in workflows/ (ComfyUI's UI format) from short specs.
+
+Hand-editing LiteGraph JSON (node ids, link tables, positional widget values) is
+error-prone, so each example is declared here as nodes with named widget values and
+named links; widget order and slot types come from the live /object_info of a
+headless ComfyUI with this extension loaded. Run after changing a node's inputs:
+
+    python scripts/build_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from headless import start_comfy  # noqa: E402
+
+NEGATIVE = "blurry, low quality, watermark"
+
+
+def node(nid, kind, pos, widgets=None, links=None, title=None):
+    return {"id": nid, "type": kind, "pos": pos, "widgets": widgets or {}, "links": links or {}, "title": title}
+
+
+WORKFLOWS = {
+    "svdiff_apply_and_stack_lora": {
+        "title": "Apply a spectral shift and stack it with a LoRA",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "LoraLoader",
+                [360, 120],
+                {"lora_name": "demo_style_lora.safetensors", "strength_model": 0.8, "strength_clip": 0.8},
+                {"model": (1, 0), "clip": (1, 1)},
+            ),
+            node(
+                3,
+                "SVDiffLoader",
+                [700, 120],
+                {"shift_name": "demo_dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+                {"model": (2, 0), "clip": (2, 1)},
+            ),
+            node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),
+            node(5, "CLIPTextEncode", [1040, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
+            node(6, "EmptyLatentImage", [700, 420], {"width": 512, "height": 512, "batch_size": 1}),
+            node(
+                7,
+                "KSampler",
+                [1400, 120],
+                {
+                    "seed": 42,
+                    "control_after_generate": "fixed",
+                    "steps": 25,
+                    "cfg": 7.0,
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
+                    "denoise": 1.0,
+                },
+                {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+            ),
+            node(8, "VAEDecode", [1760, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
+            node(9, "SaveImage", [2000, 120], {"filename_prefix": "svdiff/dog_with_style"}, {"images": (8, 0)}),
+            node(10, "SVDiffLoadShift", [20, 560], {"shift_name": "demo_dog.safetensors"}),
+            node(11, "SVDiffInspect", [360, 560], {}, {"shift": (10, 0)}),
+        ],
+    },
+    "svdiff_combine_style_mix": {
+        "title": "Combine two shifts: interpolate, and take some blocks from each (style mixing)",
+        "nodes": [
+            node(1, "SVDiffLoadShift", [20, 100], {"shift_name": "demo_dog.safetensors"}, title="Shift A (subject)"),
+            node(2, "SVDiffLoadShift", [20, 300], {"shift_name": "demo_cat.safetensors"}, title="Shift B (style)"),
+            node(
+                3,
+                "SVDiffCombine",
+                [380, 40],
+                {"weight_a": 0.5, "weight_b": 0.5},
+                {"shift_a": (1, 0), "shift_b": (2, 0)},
+                "Interpolate (eq. 5)",
+            ),
+            node(
+                4,
+                "SVDiffSave",
+                [740, 40],
+                {
+                    "filename_prefix": "mixed/dog_cat_half",
+                    "precision": "fp16",
+                    "overwrite": False,
+                    "trigger_words": "sks",
+                    "description": "0.5·dog + 0.5·cat",
+                },
+                {"shift": (3, 0)},
+            ),
+            node(
+                5,
+                "SVDiffSelectLayers",
+                [380, 300],
+                {
+                    "mode": "keep",
+                    "input_blocks": "all",
+                    "middle_block": True,
+                    "output_blocks": "none",
+                    "other_unet": True,
+                    "text_encoder": True,
+                    "name_patterns": "",
+                },
+                {"shift": (1, 0)},
+                "A: down + mid blocks",
+            ),
+            node(
+                6,
+                "SVDiffSelectLayers",
+                [380, 620],
+                {
+                    "mode": "keep",
+                    "input_blocks": "none",
+                    "middle_block": False,
+                    "output_blocks": "all",
+                    "other_unet": False,
+                    "text_encoder": False,
+                    "name_patterns": "",
+                },
+                {"shift": (2, 0)},
+                "B: up blocks",
+            ),
+            node(
+                7,
+                "SVDiffCombine",
+                [740, 400],
+                {"weight_a": 1.0, "weight_b": 1.0},
+                {"shift_a": (5, 0), "shift_b": (6, 0)},
+                "Style mix (Fig. 12)",
+            ),
+            node(
+                8,
+                "SVDiffSave",
+                [1100, 400],
+                {
+                    "filename_prefix": "mixed/dog_down_cat_up",
+                    "precision": "fp16",
+                    "overwrite": False,
+                    "trigger_words": "sks",
+                    "description": "dog down/mid blocks, cat up blocks",
+                },
+                {"shift": (7, 0)},
+            ),
+            node(9, "SVDiffInspect", [1100, 40], {}, {"shift": (1, 0), "shift_b": (2, 0)}, "Cosine similarity (E.2)"),
+        ],
+    },
+    "svdiff_export_lora": {
+        "title": "Export a spectral shift as an ordinary LoRA",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(2, "SVDiffLoadShift", [20, 360], {"shift_name": "demo_dog.safetensors"}),
+            node(
+                3,
+                "SVDiffExportLoRA",
+                [380, 120],
+                {"rank": 64, "strength_model": 1.0, "strength_clip": 1.0, "filename_prefix": "svdiff/demo_dog_rank64", "precision": "fp16"},
+                {"model": (1, 0), "clip": (1, 1), "shift": (2, 0)},
+            ),
+        ],
+    },
+}
+
+
+def build(spec: dict, info: dict) -> dict:
+    from support.comfy_env import widget_slots
+
+    nodes, links = [], []
+    by_id = {n["id"]: n for n in spec["nodes"]}
+    outputs: dict[tuple[int, int], list[int]] = {}
+    link_id = 0
+    pending = []
+    for n in spec["nodes"]:
+        definition = info[n["type"]]
+        inputs = []
+        for slot, (name, (source, source_slot)) in enumerate(n["links"].items()):
+            link_id += 1
+            kind = info[by_id[source]["type"]]["output"][source_slot]
+            links.append([link_id, source, source_slot, n["id"], slot, kind])
+            outputs.setdefault((source, source_slot), []).append(link_id)
+            inputs.append({"name": name, "type": _input_type(definition, name), "link": link_id})
+        values = []
+        for name, kind in widget_slots(definition):
+            if name in n["links"]:
+                continue
+            if kind == "value":
+                if name not in n["widgets"]:
+                    raise SystemExit(f"{n['type']} #{n['id']}: no value for widget '{name}'")
+                values.append(n["widgets"][name])
+            elif kind == "control":
+                values.append(n["widgets"].get("control_after_generate", "fixed"))
+        pending.append((n, definition, inputs, values))
+    for order, (n, definition, inputs, values) in enumerate(pending):
+        outs = [
+            {"name": definition["output_name"][i], "type": t, "links": outputs.get((n["id"], i), []), "slot_index": i}
+            for i, t in enumerate(definition["output"])
+        ]
+        entry = {
+            "id": n["id"],
+            "type": n["type"],
+            "pos": n["pos"],
+            "size": [320, 60 + 26 * (len(values) + max(len(inputs), len(outs)))],
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": outs,
+            "properties": {"Node name for S&R": n["type"]},
+            "widgets_values": values,
+        }
+        if n["title"]:
+            entry["title"] = n["title"]
+        nodes.append(entry)
+    return {
+        "id": spec["title"].lower().replace(" ", "-")[:36],
+        "revision": 0,
+        "last_node_id": max(n["id"] for n in spec["nodes"]),
+        "last_link_id": link_id,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "svdiff_title": spec["title"]},
+        "version": 0.4,
+    }
+
+
+def _input_type(definition: dict, name: str) -> str:
+    for section in ("required", "optional"):
+        spec = (definition["input"].get(section) or {}).get(name)
+        if spec is not None:
+            return spec[0] if isinstance(spec[0], str) else "COMBO"
+    raise SystemExit(f"{definition['name']} has no input '{name}'")
+
+
+def main() -> None:
+    handle = start_comfy()
+    info = handle.object_info()
+    out = ROOT / "workflows"
+    for name, spec in WORKFLOWS.items():
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(build(spec, info), indent=1) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

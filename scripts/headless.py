@@ -1,0 +1,103 @@
+"""Headless ComfyUI with this extension, and the demo assets the example workflows use.
+
+Shared by ``run_workflow.py`` (the main job) and ``build_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+log = logging.getLogger("svdiff.demo")
+PACKAGE = "comfyui_svdiff"
+
+
+def import_extension():
+    """The repository as the package ``comfyui_svdiff`` (its name under custom_nodes)."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_comfy(base_dir: Path | None = None):
+    """A CPU-only, in-process ComfyUI (no web server) with the SVDiff nodes registered."""
+    from support.comfy_env import find_comfyui, setup_comfyui
+
+    if find_comfyui() is None:
+        raise SystemExit(
+            "ComfyUI not found: set COMFYUI_PATH to a ComfyUI v0.8.0 checkout (or install this extension under ComfyUI/custom_nodes/)"
+        )
+    handle = setup_comfyui(base_dir=base_dir)
+    handle.register_module(import_extension())
+    return handle
+
+
+def demo_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "comfyui-svdiff" / "demo"
+
+
+def tiny_checkpoint() -> Path:
+    """A small SD1.5-architecture checkpoint with random weights, built once and cached.
+
+    ComfyUI's checkpoint loader fixes the text encoder at full CLIP-L size, so the file
+    is ~265 MiB although the UNet is tiny; it is written in a few seconds.
+    """
+    from support import tiny_models
+
+    path = demo_cache_dir() / "svdiff_tiny_sd15.safetensors"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tiny_models.write_tiny_checkpoint(tmp, arch="SD15", seed=0)
+        os.replace(tmp, path)
+    return path
+
+
+def write_demo_shift(path: Path, model, clip, seed: int) -> None:
+    """A random full shift (all ≥2-D weights + 1-D norm deltas) for ``model``/``clip``.
+
+    Stands in for a trained shift so the workflows run without downloads; its
+    metadata says so.
+    """
+    import torch
+
+    from comfyui_svdiff.svdiff.fileformat import write_shift
+    from comfyui_svdiff.svdiff.shift import SpectralShift
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, sd in (("", model.model.state_dict()), ("text_encoders.", clip.cond_stage_model.state_dict())):
+        for key, w in sd.items():
+            if not key.endswith(".weight") or not w.is_floating_point() or (not prefix and not key.startswith("diffusion_model.")):
+                continue
+            stem = prefix + key[: -len(".weight")]
+            if w.ndim >= 2:
+                tensors[stem + ".delta"] = 0.02 * torch.randn(min(w.shape[0], w[0].numel()), generator=g)
+            elif w.ndim == 1:
+                tensors[stem + ".diff"] = 1e-3 * torch.randn(w.shape, generator=g)
+    meta = {
+        "svdiff.architecture": type(model.model.model_config).__name__,
+        "svdiff.description": "demo: random shift written by scripts/run_workflow.py, not a trained concept",
+    }
+    write_shift(path, SpectralShift(tensors, meta, name=path.stem), overwrite=True)
+
+
+def write_demo_lora(path: Path, model, clip, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    from support import tiny_models
+
+    lora = tiny_models.make_test_lora(model=model, clip=clip, rank=4, seed=seed, scale=0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(path), metadata={"svdiff.description": "demo LoRA (random)"})

@@ -1,0 +1,134 @@
+"""Run an example workflow headlessly (the main job) and say where its outputs went.
+
+    python scripts/run_workflow.py [WORKFLOW.json] [--checkpoint FILE] [--out DIR]
+
+Without ``--checkpoint`` an embedded tiny SD1.5-architecture model (random weights,
+built once and cached) stands in for the checkpoint, and the image size and step
+count are reduced so the run takes seconds on a CPU. Shift and LoRA files the
+workflow names ``demo_*`` are created for the chosen checkpoint (random, marked as
+demo in their metadata); any other missing file is an error that says where to put
+it. Everything the workflow writes lands under ``--out`` (default ``out/<name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_lora, write_demo_shift
+
+DEFAULT_WORKFLOW = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
+FILE_INPUTS = {
+    "SVDiffLoader": ("shift_name", "spectral_shifts"),
+    "SVDiffLoadShift": ("shift_name", "spectral_shifts"),
+    "LoraLoader": ("lora_name", "loras"),
+    "LoraLoaderModelOnly": ("lora_name", "loras"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workflow", nargs="?", type=Path, default=DEFAULT_WORKFLOW, help="UI- or API-format workflow JSON")
+    parser.add_argument("--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--out", type=Path, help="output folder (default: out/<workflow name>)")
+    parser.add_argument("--steps", type=int, help="override the sampler steps (default with the tiny model: 4)")
+    parser.add_argument("--size", type=int, help="override the image size in pixels (default with the tiny model: 128)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    out = (args.out or ROOT / "out" / args.workflow.stem).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # ComfyUI logs a traceback for every optional node pack it cannot import (audio
+    # nodes without torchaudio, ...); those do not concern this run.
+    logging.getLogger().setLevel(logging.ERROR)
+    handle = start_comfy(base_dir=out / "comfyui")
+    logging.getLogger().setLevel(logging.WARNING)
+    from support.comfy_env import ui_to_api
+
+    workflow = json.loads(args.workflow.read_text())
+    prompt = ui_to_api(workflow, handle.object_info()) if "nodes" in workflow else workflow
+
+    tiny = args.checkpoint is None
+    checkpoint = tiny_checkpoint() if tiny else args.checkpoint.resolve()
+    if not checkpoint.is_file():
+        raise SystemExit(f"--checkpoint {checkpoint}: no such file")
+    link = handle.model_dir("checkpoints") / checkpoint.name
+    if not link.exists():
+        os.symlink(checkpoint, link)
+    for entry in prompt.values():
+        if entry["class_type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
+            entry["inputs"]["ckpt_name"] = checkpoint.name
+        if tiny or args.steps:
+            if entry["class_type"] in ("KSampler", "KSamplerAdvanced"):
+                entry["inputs"]["steps"] = args.steps or 4
+        if tiny or args.size:
+            if entry["class_type"] == "EmptyLatentImage":
+                entry["inputs"]["width"] = entry["inputs"]["height"] = args.size or 128
+    prepare_files(handle, prompt, checkpoint)
+
+    print(f"running {args.workflow.name} on {'the embedded tiny model' if tiny else checkpoint.name} …", flush=True)
+    result = handle.run_prompt(prompt, timeout=3600)
+    if not result.success:
+        print(f"\nthe workflow failed:\n{result.error_message}", file=sys.stderr)
+        return 1
+    report(handle, result, out, time.perf_counter() - started)
+    return 0
+
+
+def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
+    """Create the demo shift/LoRA files the workflow names; refuse other missing files."""
+    needed = []
+    for entry in prompt.values():
+        spec = FILE_INPUTS.get(entry["class_type"])
+        if spec is None:
+            continue
+        name, folder = spec
+        filename = entry["inputs"].get(name)
+        if isinstance(filename, str) and not (handle.model_dir(folder) / filename).exists():
+            if not Path(filename).name.startswith("demo_"):
+                raise SystemExit(f"{entry['class_type']}: '{filename}' is not in {handle.model_dir(folder)}; put it there and run again")
+            needed.append((folder, filename))
+    if not needed:
+        return
+    import comfy.sd
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clipvision=False)
+    for seed, (folder, filename) in enumerate(sorted(set(needed)), start=1):
+        path = handle.model_dir(folder) / filename
+        if folder == "spectral_shifts":
+            write_demo_shift(path, model, clip, seed)
+        else:
+            write_demo_lora(path, model, clip, seed)
+        print(f"created demo file models/{folder}/{filename}")
+
+
+def report(handle, result, out: Path, seconds: float) -> None:
+    print(f"\ndone in {seconds:.1f} s; outputs under {out}:")
+    for node_id, ui in sorted(result.outputs.items()):
+        for text in ui.get("text", []):
+            lines = str(text).splitlines()[:4]
+            print(f"  node {node_id}: " + "\n    ".join(lines))
+    for path in result.output_files():
+        print(f"  image/latent: {path}")
+    models = handle.models_dir
+    for folder in ("spectral_shifts", "loras"):
+        for path in sorted((models / folder).rglob("*.safetensors")):
+            if not path.name.startswith("demo_"):
+                print(f"  {folder}: {path}")
+    gallery = out / "images"
+    gallery.mkdir(exist_ok=True)
+    for path in result.output_files():
+        if path.suffix == ".png":
+            shutil.copy2(path, gallery / path.name)
+    print(f"  (images copied to {gallery})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
