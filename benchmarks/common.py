@@ -72,13 +72,9 @@ def setup_comfy():
     if root is None:
         raise SystemExit("benchmarks need ComfyUI: set COMFYUI_PATH")
     prepare_comfy_cpu(root)
-    import importlib.util
+    from support.extension import import_extension
 
-    if "comfyui_svdiff" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("comfyui_svdiff", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_svdiff"] = module
-        spec.loader.exec_module(module)
+    import_extension()
     return root
 
 

@@ -5,7 +5,6 @@ Shared by ``run_workflow.py`` (the main job) and ``build_workflows.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -15,18 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 log = logging.getLogger("svdiff.demo")
-PACKAGE = "comfyui_svdiff"
 
-
-def import_extension():
-    """The repository as the package ``comfyui_svdiff`` (its name under custom_nodes)."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+from support.extension import import_extension  # noqa: E402
 
 
 def start_comfy(base_dir: Path | None = None):

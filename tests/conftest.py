@@ -9,29 +9,16 @@ without one they are skipped and the run says so loudly.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_svdiff"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.comfy_env import find_comfyui  # noqa: E402
-
-
-def import_extension():
-    """The repository as the package ``comfyui_svdiff`` (idempotent)."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
-
+from support.extension import import_extension  # noqa: E402
 
 import_extension()
 
