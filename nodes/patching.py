@@ -6,7 +6,6 @@ Node IDs are public (saved in users' workflows) and never change.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +17,8 @@ from ..svdiff import fileformat
 from ..svdiff.apply import apply_shift
 from ..svdiff.export import export_lora
 from ..svdiff.inspection import cosine_plot, describe, magnitude_plot, to_image_tensor
-from ..svdiff.shift import SpectralShift, combine, parse_key, pattern_matcher, select, unet_block
+from ..svdiff.layers import layer_selector
+from ..svdiff.shift import SpectralShift, combine, select
 from .common import (
     CATEGORY,
     SHIFT_FOLDER,
@@ -201,53 +201,6 @@ class SVDiffCombine(io.ComfyNode):
         return io.NodeOutput(combine(shift_a, weight_a, shift_b, weight_b))
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_indices(text: str, input_name: str) -> set[int] | None:
-    """'all' → None (every index); '' or 'none' → ∅; '0-3, 7' → {0,1,2,3,7}."""
-    text = text.strip().lower()
-    if text == "all":
-        return None
-    if text in ("", "none"):
-        return set()
-    indices: set[int] = set()
-    for part in text.split(","):
-        match = _RANGE.match(part)
-        if match is None:
-            raise ValueError(f"{input_name}: '{part.strip()}' is not an index or range; write e.g. 'all', 'none' or '0-3, 7'")
-        start = int(match.group(1))
-        end = int(match.group(2)) if match.group(2) else start
-        if end < start:
-            raise ValueError(f"{input_name}: range '{part.strip()}' runs backwards; write it as '{end}-{start}'")
-        indices.update(range(start, end + 1))
-    return indices
-
-
-def layer_predicate(input_blocks: str, middle_block: bool, output_blocks: str, other_unet: bool, text_encoder: bool, name_patterns: str):
-    """Union of the chosen UNet blocks, other layers, text encoder and name patterns."""
-    inputs = parse_indices(input_blocks, "input_blocks")
-    outputs = parse_indices(output_blocks, "output_blocks")
-    by_name = pattern_matcher(name_patterns)
-
-    def chosen(key: str) -> bool:
-        if by_name(key):
-            return True
-        target = parse_key(key)
-        if target.component == "clip":
-            return text_encoder
-        block = unet_block(target.param)
-        if block is None:
-            return other_unet
-        group, index = block
-        if group == "middle":
-            return middle_block
-        indices = inputs if group == "input" else outputs
-        return indices is None or index in indices
-
-    return chosen
-
-
 class SVDiffSelectLayers(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -271,16 +224,19 @@ class SVDiffSelectLayers(io.ComfyNode):
                     "input_blocks",
                     default="all",
                     tooltip=(
-                        "Down blocks by index (ComfyUI's input_blocks.N): 'all', 'none' or e.g. '0-3, 7'. "
-                        "SD1.x/2.x: 0 = conv_in, 1-2 level 0 (64 px latents: 64×64), 3 downsample, 4-5 level 1, 6 down, 7-8 level 2, 9 down, 10-11 level 3. "
-                        "SDXL: 1-2 level 0, 3 down, 4-5 level 1, 6 down, 7-8 level 2."
+                        "Down blocks (ComfyUI's input_blocks.N): 'all', 'none', indices such as '0-3, 7', or resolution levels "
+                        "such as 'L1' or 'L0-1' (L0 = full latent resolution, e.g. 64×64 at 512 px for SD1.5; each level halves it). "
+                        "Level ℓ is blocks 1+3ℓ, 2+3ℓ and the downsampler 3+3ℓ (L0 also 0, conv_in). SD1.x/2.x: L0-L3, SDXL: L0-L2."
                     ),
                 ),
                 io.Boolean.Input("middle_block", default=True, tooltip="The mid block (ComfyUI's middle_block)."),
                 io.String.Input(
                     "output_blocks",
                     default="all",
-                    tooltip="Up blocks by index (ComfyUI's output_blocks.N), lowest resolution first: 'all', 'none' or e.g. '0-2'. SD1.x/2.x has 0-11 (three per level), SDXL 0-8.",
+                    tooltip=(
+                        "Up blocks (ComfyUI's output_blocks.N, lowest resolution first): 'all', 'none', indices such as '0-2', "
+                        "or levels such as 'L0' (full resolution: SD1.x/2.x blocks 9-11, SDXL 6-8)."
+                    ),
                 ),
                 io.Boolean.Input(
                     "other_unet", default=True, tooltip="UNet layers outside the blocks: time/label embeddings and the output layers."
@@ -298,7 +254,7 @@ class SVDiffSelectLayers(io.ComfyNode):
 
     @classmethod
     def execute(cls, shift, mode, input_blocks, middle_block, output_blocks, other_unet, text_encoder, name_patterns):
-        chosen = layer_predicate(input_blocks, middle_block, output_blocks, other_unet, text_encoder, name_patterns)
+        chosen = layer_selector(shift, input_blocks, middle_block, output_blocks, other_unet, text_encoder, name_patterns)
         keep = chosen if mode == "keep" else (lambda key: not chosen(key))
         description = f"{mode} input={input_blocks!r} middle={middle_block} output={output_blocks!r} other={other_unet} te={text_encoder} names={name_patterns!r}"
         result = select(shift, keep, description)

@@ -8,6 +8,7 @@ from test_spectral import make_weight, reference_update
 
 from comfyui_svdiff.svdiff.export import layer_factors
 from comfyui_svdiff.svdiff.inspection import block_magnitudes, cosine_by_layer, cosine_plot, describe, magnitude_plot
+from comfyui_svdiff.svdiff.layers import layer_selector, parse_blocks, unet_levels
 from comfyui_svdiff.svdiff.shift import SpectralShift, combine, parse_key, pattern_matcher, select, unet_block
 from comfyui_svdiff.svdiff.spectral import as_matrix, decompose, spectral_update
 from comfyui_svdiff.svdiff.targets import ShiftMismatchError, resolve
@@ -145,3 +146,41 @@ def test_inspection_statistics_and_plots():
     text = describe(a, b)
     assert "000 over 2 shared layers" in text and "cosine similarity with 'b'" in text
     assert magnitude_plot(a).size == (900, 420) and cosine_plot(a, b).size == (900, 420)
+
+
+def _unet_shift(levels: int, architecture: str) -> SpectralShift:
+    keys = [f"diffusion_model.input_blocks.{i}.0.op.delta" for i in range(3 * levels)]
+    keys += [f"diffusion_model.output_blocks.{i}.0.skip_connection.delta" for i in range(3 * levels)]
+    keys += ["diffusion_model.middle_block.1.proj_in.delta", "diffusion_model.out.2.delta", T]
+    return shift({k: [0.1] for k in keys}, **{"svdiff.architecture": architecture})
+
+
+def test_levels_follow_the_sd_block_layout():
+    """L-levels against the LDM layout written out: SD1.5 has 4 levels, SDXL 3."""
+    sd15 = _unet_shift(4, "SD15")
+    assert unet_levels(sd15) == 4
+    assert unet_levels(_unet_shift(3, "SDXL")) == 3
+    assert parse_blocks("L0", "input", 4, "x") == {0, 1, 2, 3}
+    assert parse_blocks("L1", "input", 4, "x") == {4, 5, 6}
+    assert parse_blocks("L0", "output", 4, "x") == {9, 10, 11}  # up path ends at full resolution
+    assert parse_blocks("L3", "output", 4, "x") == {0, 1, 2}
+    assert parse_blocks("L0", "output", 3, "x") == {6, 7, 8}  # SDXL
+    assert parse_blocks("L1-2, 0", "output", 4, "x") == {0, 3, 4, 5, 6, 7, 8}
+    assert parse_blocks("all", "input", 4, "x") is None and parse_blocks(" none ", "input", 4, "x") == set()
+    for bad, message in [
+        ("L4", "level 4 does not exist"),
+        ("5-3", "runs backwards"),
+        ("two", "not a block index"),
+        ("L1-2x", "not a block"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_blocks(bad, "input", 4, "input_blocks")
+
+
+def test_selector_keeps_the_union_of_criteria():
+    s = _unet_shift(4, "SD15")
+    keep = layer_selector(s, input_blocks="L1", middle_block=False, output_blocks="none", other_unet=False, text_encoder=True)
+    chosen = sorted(k for k in s.tensors if keep(k))
+    assert chosen == [f"diffusion_model.input_blocks.{i}.0.op.delta" for i in (4, 5, 6)] + [T]
+    only_names = layer_selector(s, "none", False, "none", False, False, "middle_block")
+    assert [k for k in s.tensors if only_names(k)] == ["diffusion_model.middle_block.1.proj_in.delta"]

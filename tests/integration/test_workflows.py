@@ -59,3 +59,28 @@ def test_main_job_command(tmp_path):
     assert f"outputs under {out}" in run.stdout
     images = list((out / "images").glob("*.png"))
     assert any("dog_with_style" in p.name for p in images), run.stdout
+
+
+def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
+    """ComfyUI's nodes.load_custom_node on the checkout (the real install path), in a
+    fresh process so its second copy of the package stays out of this one."""
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from support.comfy_env import setup_comfyui\n"
+        f"h = setup_comfyui(base_dir={str(tmp_path)!r})\n"
+        f"h.load_extension({str(ROOT)!r})\n"
+        "import nodes, folder_paths, comfy.weight_adapter as wa\n"
+        "ids = sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith('SVDiff'))\n"
+        "print('IDS', ','.join(ids))\n"
+        "print('ADAPTER', [a.name for a in wa.adapters].count('svdiff'))\n"
+        "print('FOLDER', sorted(folder_paths.folder_names_and_paths['spectral_shifts'][1]))\n"
+        "print('WEB', any(p.endswith('web') for p in nodes.EXTENSION_WEB_DIRS.values()))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = "SVDiffApply,SVDiffCombine,SVDiffExportLoRA,SVDiffInspect,SVDiffLoadShift,SVDiffLoader,SVDiffSave,SVDiffSelectLayers"
+    assert f"IDS {expected}" in run.stdout
+    assert "ADAPTER 1" in run.stdout
+    assert "FOLDER ['.safetensors']" in run.stdout
+    assert "WEB True" in run.stdout
