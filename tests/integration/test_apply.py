@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from comfyui_svdiff.svdiff.apply import apply_shift
-from comfyui_svdiff.svdiff.shift import combine, parse_key
+from comfyui_svdiff.svdiff.layers import layer_selector
+from comfyui_svdiff.svdiff.shift import combine, parse_key, select
 from comfyui_svdiff.svdiff.targets import ShiftMismatchError
 from integration.helpers import assert_weights_close, base_state, expected_state, patched_state_dict, random_shift
 from support import tiny_models
@@ -50,9 +51,10 @@ def test_inputs_are_never_mutated_and_strength_zero_is_identity(build):
     assert same_model is model and same_clip is clip
 
 
-def test_chained_applies_combine_inside_one_relu(build):
+@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+def test_chained_applies_combine_inside_one_relu(build, arch):
     """Two apply nodes give U diag(ReLU(σ + s₁δ₁ + s₂δ₂)) Vᵀ (eqs. 4, 5)."""
-    model, clip = build("SD15")
+    model, clip = build(arch)
     first = random_shift(model, None, seed=1, clamp_some=False, name="a")
     second = random_shift(model, None, seed=2, clamp_some=False, name="b")
     # Make the clamp matter: δ₁ removes σ₁ entirely, δ₂ gives half of it back. Two
@@ -73,8 +75,9 @@ def test_chained_applies_combine_inside_one_relu(build):
     assert sum(1 for p in m2.patches[param] if getattr(p[1], "name", "") == "svdiff") == 1
 
 
-def test_stacks_with_loras_in_both_orders(build):
-    model, clip = build("SD15")
+@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+def test_stacks_with_loras_in_both_orders(build, arch):
+    model, clip = build(arch)
     base_m, base_c = base_state(model), base_state(clip.patcher)
     shift = random_shift(model, clip, seed=3)
     lora = tiny_models.make_test_lora(model=model, clip=clip, rank=4, seed=5, scale=0.5)
@@ -100,14 +103,23 @@ def test_stacks_with_loras_in_both_orders(build):
         assert_weights_close(patched_state_dict(patcher_c.patcher), exp_c, base_c, what=order)
 
 
-def test_combined_and_selected_shifts_apply_as_their_formula(build):
-    model, _ = build("SD15")
+@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+def test_combined_and_selected_shifts_apply_as_their_formula(build, arch):
+    model, _ = build(arch)
     a = random_shift(model, None, seed=7, name="a")
     b = random_shift(model, None, seed=8, name="b", rank=3)
     mixed = combine(a, 0.3, b, 0.7)
     base = base_state(model)
     got = patched_state_dict(apply_shift(model, None, mixed, 1.0, 0.0)[0])
     expected = expected_state(base, "diffusion_model.", [(a, 0.3), (b, 0.7)])
+    assert_weights_close(got, expected, base)
+    # Style mixing: down blocks from a, everything else from b (Fig. 12).
+    down = select(a, layer_selector(a, "all", False, "none", False, False), "down")
+    rest = select(b, lambda key: key not in down.tensors, "rest")
+    assert down.tensors and rest.tensors
+    got = patched_state_dict(apply_shift(model, None, combine(down, 1.0, rest, 1.0), 1.0, 0.0)[0])
+    expected = expected_state(base, "diffusion_model.", [(down, 1.0), (rest, 1.0)])
+    assert set(expected) == {parse_key(k).param for k in {**a.tensors, **b.tensors}}
     assert_weights_close(got, expected, base)
 
 
@@ -196,3 +208,25 @@ def test_shift_for_another_architecture_is_refused_whole(build):
     with pytest.raises(ShiftMismatchError, match="made for SDXL, the model is SD15"):
         apply_shift(sd15, clip, shift, 1.0, 1.0)
     assert {k: list(v) for k, v in sd15.patches.items()} == before
+
+
+def test_same_architecture_other_checkpoint_applies_with_a_note(build, caplog):
+    """Base hashes tell "different checkpoint" (apply, warn once) from "this checkpoint"."""
+    from comfyui_svdiff.svdiff.cache import content_hash
+
+    original, _ = build("SD15", seed=0)
+    other, _ = build("SD15", seed=1)
+    shift = random_shift(original, None, seed=16)
+    weights = original.model.state_dict()
+    shift.base_hashes = {parse_key(k).param: content_hash(weights[parse_key(k).param])[:8] for k in shift.tensors}
+
+    _, _, report = apply_shift(original, None, shift, 1.0, 0.0)
+    assert report.base_mismatches == 0 and report.checked_hashes == len(shift.tensors)
+    assert not report.notes
+
+    with caplog.at_level("WARNING", logger="svdiff"):
+        _, _, first = apply_shift(other, None, shift, 1.0, 0.0)
+        _, _, second = apply_shift(other, None, shift, 1.0, 0.0)
+    assert first.base_mismatches == len(shift.tensors)
+    assert "was made on a different checkpoint" in first.summary() and "was made on a different checkpoint" in second.summary()
+    assert sum("different checkpoint" in r.getMessage() for r in caplog.records) == 1  # warned once
