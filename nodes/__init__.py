@@ -2,7 +2,8 @@
 
 from .common import register_model_folder
 from .patching import NODES as PATCHING_NODES
+from .training import NODES as TRAINING_NODES
 
-ALL_NODES = [*PATCHING_NODES]
+ALL_NODES = [*PATCHING_NODES, *TRAINING_NODES]
 
 __all__ = ["ALL_NODES", "register_model_folder"]

@@ -206,3 +206,35 @@ def to_image_tensor(images: list[Image.Image]) -> torch.Tensor:
         torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3) for img in images
     ]
     return torch.stack(arrays).float() / 255.0
+
+
+def line_chart(values: list[float], title: str, width: int = 900, height: int = 360, smooth: int = 0) -> Image.Image:
+    """A line chart of ``values`` (e.g. the loss per step), with an optional moving average."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 70, 20, 36, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    draw.text((left, 8), title, fill="black", font=_font(16))
+    draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        draw.text((left + 10, top + plot_h // 2), "not enough points yet", fill="gray", font=_font(11))
+        return image
+    low, high = min(finite), max(finite)
+    span = (high - low) or 1.0
+
+    def points(series):
+        n = len(series)
+        return [(left + i * plot_w / (n - 1), top + plot_h - (v - low) / span * plot_h) for i, v in enumerate(series) if math.isfinite(v)]
+
+    draw.line(points(values), fill=(150, 170, 220), width=1)
+    if smooth > 1 and len(values) > smooth:
+        averaged = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1]) for i in range(len(values))]
+        draw.line(points(averaged), fill=(30, 60, 170), width=2)
+    font = _font(11)
+    for fraction in (0.0, 0.5, 1.0):
+        y = top + plot_h - fraction * plot_h
+        draw.text((4, y - 6), f"{low + fraction * span:.3g}", fill="black", font=font)
+    draw.text((left, top + plot_h + 6), "step 1", fill="black", font=font)
+    draw.text((left + plot_w - 60, top + plot_h + 6), f"step {len(values)}", fill="black", font=font)
+    return image

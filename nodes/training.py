@@ -1,0 +1,414 @@
+"""Training nodes: datasets and SVDiffTrain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..svdiff import fileformat
+from ..svdiff.apply import apply_shift
+from ..svdiff.cache import content_hash, default_cache_dir
+from ..svdiff.inspection import line_chart, to_image_tensor
+from ..svdiff.shift import SpectralShift
+from ..svdiff.training import data as training_data
+from ..svdiff.training.config import OPTIMIZERS, TrainConfig
+from ..svdiff.training.subsets import CUSTOM, SUBSETS
+from .common import CATEGORY, SHIFT_FOLDER, SpectralShiftType, numbered, require_finite, safe_output_path, shift_files, shift_path
+
+log = logging.getLogger("svdiff")
+DatasetType = io.Custom("SVDIFF_DATASET")
+NO_RESUME = "[none]"
+
+
+# ----------------------------------------------------------------------------------
+# Datasets
+
+
+def _resolve_folder(text: str) -> Path:
+    """An absolute folder, or one relative to ComfyUI's input folder."""
+    text = text.strip()
+    if not text:
+        raise ValueError("folder is empty; give a folder of training images (absolute, or relative to ComfyUI's input folder)")
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+class SVDiffDatasetFromFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffDatasetFromFolder",
+            display_name="Training Images from Folder (SVDiff)",
+            category=f"{CATEGORY}/training",
+            description=(
+                "Images with kohya-style captions: '<image>.txt' beside each image; sub-folders named '<repeats>_<class words>' "
+                "(e.g. '10_sks dog') repeat their images. Images are scaled so the shorter side is the resolution, then center-cropped."
+            ),
+            inputs=[
+                io.String.Input("folder", default="svdiff/sks_dog", tooltip="Absolute path, or relative to ComfyUI's input folder."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
+                io.String.Input(
+                    "default_caption", default="photo of a sks dog", tooltip="For images with no caption file and no class words."
+                ),
+                io.String.Input("trigger_word", default="sks", tooltip="Every caption must contain it (leave empty to skip the check)."),
+                io.String.Input("caption_extension", default=".txt"),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset"), io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, **kwargs):
+        path = _resolve_folder(folder)
+        if not path.is_dir():
+            return f"missing:{path}"
+        return ";".join(f"{p}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")) if p.is_file())
+
+    @classmethod
+    def execute(cls, folder, resolution, default_caption, trigger_word, caption_extension):
+        dataset = training_data.load_folder(_resolve_folder(folder), resolution, default_caption, caption_extension, trigger_word)
+        images = torch.stack([item.image for item in dataset.items])
+        text = f"{len(dataset.items)} images, {len(dataset.expanded())} with repeats, {len(dataset.captions())} captions"
+        return io.NodeOutput(dataset, images, ui=ui.PreviewText(text))
+
+
+class SVDiffDatasetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffDatasetFromImages",
+            display_name="Training Images from IMAGE (SVDiff)",
+            category=f"{CATEGORY}/training",
+            description="A dataset from an IMAGE batch and one caption (a template with {trigger}) for all of them, or one caption per line per image.",
+            inputs=[
+                io.Image.Input("images"),
+                io.String.Input(
+                    "captions",
+                    default="photo of a {trigger} dog",
+                    multiline=True,
+                    tooltip="One line for all images, or one line per image. {trigger} is replaced by the trigger word.",
+                ),
+                io.String.Input("trigger_word", default="sks"),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, images, captions, trigger_word, resolution):
+        lines = [line.replace("{trigger}", trigger_word.strip()) for line in captions.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("captions is empty; write a caption such as 'photo of a {trigger} dog'")
+        dataset = training_data.from_images(images, lines, resolution, trigger_word)
+        return io.NodeOutput(dataset, ui=ui.PreviewText(f"{len(dataset.items)} images"))
+
+
+# ----------------------------------------------------------------------------------
+# Training
+
+
+def _encode_images(vae, dataset: training_data.Dataset, flip: bool):
+    """VAE latents of each (repeated) image and, with flips, of its mirror image."""
+    examples = []
+    for item in dataset.expanded():
+        pixels = item.image[None]
+        latent = vae.encode(pixels[..., :3])
+        mirrored = vae.encode(torch.flip(pixels, dims=[2])[..., :3]) if flip else None
+        examples.append((latent, mirrored, item.caption))
+    return examples
+
+
+def _encode_captions(clip, captions: list[str]) -> list:
+    conditioning = []
+    for caption in captions:
+        tokens = clip.tokenize(caption)
+        conditioning.extend(clip.encode_from_tokens_scheduled(tokens))
+    return conditioning
+
+
+def _model_fingerprint(model) -> str:
+    """Cheap identity of a base model: hashes of a few of its weights (memoised)."""
+    state = model.model_state_dict()
+    keys = sorted(k for k in state if k.startswith("diffusion_model.") and state[k].ndim >= 2)
+    picked = [keys[0], keys[len(keys) // 2], keys[-1]] if keys else []
+    return hashlib.sha256("".join(content_hash(state[k]) for k in picked).encode()).hexdigest()[:16]
+
+
+def _generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: int, node_id) -> list[torch.Tensor]:
+    """Class images from the base model (DreamBooth practice), cached on disk as latents."""
+    import comfy.sample
+    import comfy.utils
+
+    key = hashlib.sha256(json.dumps([_model_fingerprint(model), prompt, count, resolution, seed, 25, 7.0]).encode()).hexdigest()[:24]
+    path = default_cache_dir() / "priors" / f"{key}.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        latents = load_file(str(path))["latents"]
+        log.info("SVDiff: %d prior latents for '%s' from cache", latents.shape[0], prompt)
+        return [latents[i : i + 1] for i in range(latents.shape[0])]
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    channels = model.get_model_object("latent_format").latent_channels
+    latents = []
+    bar = comfy.utils.ProgressBar(count, node_id=node_id)
+    for i in range(count):
+        empty = torch.zeros(1, channels, resolution // 8, resolution // 8)
+        noise = comfy.sample.prepare_noise(empty, seed + i)
+        sample = comfy.sample.sample(model, noise, 25, 7.0, "euler", "normal", positive, negative, empty, seed=seed + i, disable_pbar=True)
+        latents.append(sample.cpu())
+        bar.update_absolute(i + 1, count)
+    stacked = torch.cat(latents)
+    fileformat.atomic_save(path, {"latents": stacked.contiguous()}, {"prompt": prompt}, overwrite=True)
+    return latents
+
+
+def _prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, node_id):
+    if class_dataset is not None:
+        return _encode_images(vae, class_dataset, flip=False)
+    if class_images is not None:
+        if not class_prompt.strip():
+            raise ValueError("class_images is connected but class_prompt is empty; write the class of the subject, e.g. 'photo of a dog'")
+        dataset = training_data.from_images(class_images, [class_prompt.strip()], resolution)
+        return _encode_images(vae, dataset, flip=False)
+    if num_class_images > 0:
+        if not class_prompt.strip():
+            raise ValueError("class_prompt is empty; write the class of your subject (e.g. 'photo of a dog') or set prior_weight to 0")
+        latents = _generate_prior(model, clip, class_prompt.strip(), num_class_images, resolution, seed, node_id)
+        return [(lat, None, class_prompt.strip()) for lat in latents]
+    raise ValueError(
+        "prior_weight is above 0 but there is no prior data: connect class_images or class_dataset, "
+        "or set class_prompt and num_class_images to generate them, or set prior_weight to 0"
+    )
+
+
+def _save(shift: SpectralShift, prefix: str, state: dict[str, torch.Tensor] | None, overwrite: bool = False) -> Path:
+    target = safe_output_path(SHIFT_FOLDER, prefix, "spectral-shift file")
+    if not overwrite:
+        target = numbered(target)
+    shift.name = target.stem
+    shift.metadata["svdiff.name"] = target.stem
+    fileformat.write_shift(target, shift, precision="fp16", overwrite=overwrite)
+    if state:
+        fileformat.atomic_save(
+            target.with_suffix(".svdiffstate"),
+            {k: v.contiguous().cpu() for k, v in state.items()},
+            {"svdiff.state_for": target.name},
+            overwrite=True,
+        )
+    return target
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor] | None:
+    sidecar = path.with_suffix(".svdiffstate")
+    if not sidecar.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(sidecar))
+
+
+class SVDiffTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffTrain",
+            display_name="Train Spectral Shift (SVDiff)",
+            category=f"{CATEGORY}/training",
+            description=(
+                "Fine-tune only the singular values of the chosen layers (paper eq. 3): MSE on the model's native target at uniform noise levels, "
+                "plus λ·prior-preservation loss. Returns the model patched with the result, the shift, and the loss history."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae", tooltip="Encodes the training images (and decodes previews)."),
+                DatasetType.Input("dataset"),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps (paper: 500-1000 with prior preservation)."),
+                io.Float.Input("learning_rate", default=1e-3, min=0.0, max=1.0, step=1e-5, tooltip="Spectral shifts (paper: 1e-3)."),
+                io.Float.Input(
+                    "learning_rate_1d",
+                    default=1e-6,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-7,
+                    tooltip="Elementwise 1-D deltas (paper: 1e-6; larger adapts faster).",
+                ),
+                io.Combo.Input("layers", options=[*SUBSETS, CUSTOM], default="UNet", tooltip="A subset of the paper's Table 1."),
+                io.String.Input("name_patterns", default="", tooltip="Extra layers by name: substring, glob or re:regex, comma separated."),
+                io.Int.Input(
+                    "rank",
+                    default=0,
+                    min=0,
+                    max=4096,
+                    tooltip="Shift only the top-k singular values of each layer (appendix E.1); 0 = all.",
+                ),
+                io.Float.Input(
+                    "prior_weight", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="λ of eq. 3; 0 disables prior preservation."
+                ),
+                io.String.Input(
+                    "class_prompt", default="", tooltip="e.g. 'photo of a dog': caption of the prior images (and prompt to generate them)."
+                ),
+                io.Int.Input(
+                    "num_class_images",
+                    default=0,
+                    min=0,
+                    max=1000,
+                    tooltip="Prior images to generate with the base model when none are connected (cached).",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW"),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=1000.0, step=0.1, tooltip="Gradient clipping; 0 disables it."),
+                io.Boolean.Input("random_flip", default=True),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Less memory, about one extra forward pass per step."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Same seed, same data, same CPU: bit-identical shifts."),
+                io.Int.Input(
+                    "save_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip="Save a checkpoint (with optimizer state) every N steps; 0 = only at the end.",
+                ),
+                io.String.Input("filename_prefix", default="svdiff/trained", tooltip="Relative to models/spectral_shifts."),
+                io.Combo.Input(
+                    "resume_from",
+                    options=[NO_RESUME, *shift_files()],
+                    default=NO_RESUME,
+                    tooltip="Continue a saved shift (and its optimizer state) up to 'steps' in total.",
+                ),
+                io.Boolean.Input("save_on_cancel", default=True, tooltip="When the run is cancelled, save what was trained so far."),
+                io.Image.Input("class_images", optional=True),
+                DatasetType.Input("class_dataset", optional=True),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Clip.Output(display_name="clip"),
+                SpectralShiftType.Output(display_name="shift"),
+                io.Custom("LOSS_MAP").Output(display_name="loss"),
+                io.Image.Output(display_name="loss_curve"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, learning_rate_1d, layers, name_patterns, rank, prior_weight, class_prompt,
+                num_class_images, batch_size, grad_accumulation, optimizer, warmup_steps, max_grad_norm, random_flip, gradient_checkpointing, seed,
+                save_every, filename_prefix, resume_from, save_on_cancel, class_images=None, class_dataset=None):  # fmt: skip
+        import comfy.model_management
+        import comfy.utils
+
+        from ..svdiff import comfy_training
+
+        for name, value in (
+            ("learning_rate", learning_rate),
+            ("learning_rate_1d", learning_rate_1d),
+            ("prior_weight", prior_weight),
+            ("max_grad_norm", max_grad_norm),
+        ):
+            require_finite(name, value)
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, lr_spectral=learning_rate, lr_1d=learning_rate_1d,
+            optimizer=optimizer, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, prior_weight=prior_weight, subset=layers,
+            patterns=name_patterns, rank=rank, seed=seed, flip=random_flip,
+        )  # fmt: skip
+        safe_output_path(SHIFT_FOLDER, filename_prefix, "spectral-shift file")  # refuse a bad prefix before hours of training
+        node_id = cls.hidden.unique_id
+        resume = None
+        state = None
+        if resume_from != NO_RESUME:
+            resume_path = shift_path(resume_from)
+            resume = fileformat.read_shift(resume_path)
+            state = _load_state(resume_path)
+
+        captions = dataset.captions()
+        instance_raw = _encode_images(vae, dataset, flip=random_flip)
+        prior_raw = []
+        if prior_weight > 0:
+            prior_raw = _prior_examples(
+                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, seed, node_id
+            )
+        all_captions = sorted(set(captions) | {caption for _, _, caption in prior_raw})
+        positive = _encode_captions(clip, all_captions)
+        index = {caption: i for i, caption in enumerate(all_captions)}
+        instance = [comfy_training.Example(lat, index[c], flipped) for lat, flipped, c in instance_raw]
+        prior = [comfy_training.Example(lat, index[c], flipped) for lat, flipped, c in prior_raw]
+
+        architecture = type(model.model.model_config).__name__
+        trigger = dataset.trigger
+        summary_extra = {
+            "captions": all_captions[:50],
+            "class_prompt": class_prompt,
+            "trigger_words": [trigger] if trigger else [],
+            "images": len(dataset.items),
+        }
+        metadata = {"svdiff.trigger_words": trigger} if trigger else {}
+        bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+        losses_seen: list[float] = []
+        saved: list[str] = []
+        started = time.perf_counter()
+
+        def finish_metadata(shift: SpectralShift, step: int, losses: list[float]) -> SpectralShift:
+            shift.metadata["svdiff.training"] = json.dumps(comfy_training.learning_summary(config, step, losses, summary_extra))
+            return shift
+
+        def on_step(step, loss, snapshot):
+            losses_seen.append(loss)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(step, steps)
+            if step % max(1, steps // 20) == 0 or step == steps:
+                log.info("SVDiff train step %d/%d loss %.5f (%.1f s)", step, steps, loss, time.perf_counter() - started)
+            if save_every and step % save_every == 0 and step < steps:
+                path = _save(finish_metadata(snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", None)
+                saved.append(path.name)
+
+        try:
+            result = comfy_training.train(
+                model, positive, instance, prior, config, resume=resume, optimizer_state=state, on_step=on_step,
+                progress=comfy_training_progress(node_id), architecture=architecture, metadata=metadata,
+            )  # fmt: skip
+        except comfy.model_management.InterruptProcessingException:
+            comfy.model_management.unload_all_models()
+            raise
+        finally:
+            comfy.model_management.unload_all_models()  # restores the shared module (object patches, wrappers)
+
+        shift = finish_metadata(result.shift, result.steps, result.losses)
+        path = _save(shift, filename_prefix, result.optimizer_state)
+        new_model, new_clip, _ = apply_shift(model, clip, shift, 1.0, 1.0)
+        curve = line_chart(result.losses, f"SVDiff training loss ({result.steps} steps)", smooth=max(1, len(result.losses) // 50))
+        curve_tensor = to_image_tensor([curve])
+        size_kb = path.stat().st_size / 1000
+        text = (
+            f"trained {result.layers} layers ({result.parameters:,} values) for {result.steps} steps in {result.seconds:.0f} s; "
+            f"final loss {result.losses[-1]:.4f}; saved {path.name} ({size_kb:,.0f} KB)"
+        )
+        log.info("SVDiff %s", text)
+        loss_map = {"loss": list(result.losses)}
+        return io.NodeOutput(
+            new_model, new_clip, shift, loss_map, curve_tensor, ui={"text": (text,), **ui.PreviewImage(curve_tensor, cls=cls).as_dict()}
+        )
+
+
+def comfy_training_progress(node_id):
+    import comfy.utils
+
+    bar = {}
+
+    def progress(done, total):
+        if "bar" not in bar:
+            bar["bar"] = comfy.utils.ProgressBar(total, node_id=node_id)
+        bar["bar"].update_absolute(done, total)
+
+    return progress
+
+
+NODES = [SVDiffDatasetFromFolder, SVDiffDatasetFromImages, SVDiffTrain]

@@ -1,0 +1,489 @@
+"""Training spectral shifts inside ComfyUI: the second (and last) ComfyUI bridge.
+
+Imported lazily by the training node only. It installs the trainable layers of
+``svdiff.training.layers`` on a *clone* of the MODEL through ComfyUI's own patch
+mechanisms — object patches for the layers' ``forward`` (spectral shifts) and weight
+wrappers (elementwise 1-D deltas) — so ComfyUI loads, unloads and restores them like
+any other patch, and runs the optimisation loop inside a ComfyUI guider, which loads
+the model and prepares the conditioning exactly as sampling does.
+
+Loss (paper eq. 3): MSE between the model's *native* prediction and its target (ε
+for eps models, v for v-prediction, the velocity for flow models) at uniformly drawn
+noise levels, plus λ times the same loss on prior data. ComfyUI's ``apply_model``
+returns the denoised x̂₀, which every model type computes as ``A(σ, x_t) + B(σ)·out``;
+inverting that affine map gives the native output and target without knowing the
+model type: ``out = (x̂₀ − A)/B``, ``target = (x₀ − A)/B``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.utils.checkpoint
+
+from .cache import content_hash, default_cache
+from .fileformat import HASH_CHARS
+from .shift import SpectralShift
+from .training.config import TrainConfig
+from .training.layers import ConvGeometry, ShiftedLayer, shifted_call
+from .training.loop import Trainer
+from .training.subsets import select_parameters
+
+log = logging.getLogger("svdiff")
+
+
+# ----------------------------------------------------------------------------------
+# Making ComfyUI's weights usable by autograd
+
+
+def make_autograd_ready(module: torch.nn.Module) -> int:
+    """Replace inference tensors among ``module``'s parameters and buffers by equal
+    normal tensors; returns how many were replaced.
+
+    ComfyUI executes nodes under ``torch.inference_mode``, so weights loaded during a
+    prompt are inference tensors, which autograd refuses to save for the backward
+    pass even when they need no gradient. The values are unchanged, so the model
+    behaves identically afterwards.
+    """
+    replaced = 0
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.is_inference():
+                setattr(owner, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+                replaced += 1
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_inference():
+                owner._buffers[name] = buffer.clone()
+                replaced += 1
+    return replaced
+
+
+def _normal_tensors(value):
+    """Deep copy of a conditioning structure with every tensor a normal (cloned) tensor."""
+    if torch.is_tensor(value):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, dict):
+        return {k: _normal_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normal_tensors(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_normal_tensors(v) for v in value)
+    if hasattr(value, "cond") and torch.is_tensor(getattr(value, "cond", None)):
+        clone = copy.copy(value)
+        clone.cond = _normal_tensors(value.cond)
+        return clone
+    return value
+
+
+def _rope_reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding with plain torch ops (autograd-capable).
+
+    ``freqs[..., i, j]`` holds the 2×2 rotation of each channel pair; ComfyUI's Flux
+    code applies it through comfy_kitchen's fused kernel, which has no backward.
+    """
+    pairs = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    rotated = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]
+    return rotated.reshape(*x.shape).type_as(x)
+
+
+class _DifferentiableRope:
+    """Within the block, Flux-style models use :func:`_rope_reference`."""
+
+    def __enter__(self):
+        try:
+            import comfy.ldm.flux.math as flux_math
+        except ImportError:
+            self.module = None
+            return self
+        self.module = flux_math
+        self.saved = (flux_math.apply_rope, flux_math.apply_rope1)
+        flux_math.apply_rope1 = _rope_reference
+        flux_math.apply_rope = lambda q, k, freqs: (_rope_reference(q, freqs), _rope_reference(k, freqs))
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.apply_rope, self.module.apply_rope1 = self.saved
+        return False
+
+
+# ----------------------------------------------------------------------------------
+# Installing trainable layers on a patcher
+
+
+class ElementwiseDelta(torch.nn.Module):
+    """Weight wrapper ``w ↦ w + d`` for a 1-D weight or a bias (ComfyUI weight_function)."""
+
+    def __init__(self, delta: torch.nn.Parameter):
+        super().__init__()
+        self.delta = delta
+
+    def __call__(self, weight):
+        return weight + self.delta.to(weight.dtype)
+
+    def passive_memory_usage(self):
+        return self.delta.numel() * self.delta.element_size()
+
+    def move_to(self, device):
+        self.delta.data = self.delta.data.to(device)
+        return self.passive_memory_usage()
+
+
+def _geometry(module: torch.nn.Module) -> ConvGeometry | None:
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if module.groups != 1:
+            raise ValueError(f"grouped convolution {type(module).__name__} (groups={module.groups}) cannot take a spectral shift")
+        return ConvGeometry(len(module.kernel_size), tuple(module.kernel_size), module.stride, module.padding, module.dilation)
+    if isinstance(module, torch.nn.Linear):
+        return None
+    raise ValueError(f"{type(module).__name__} layers are not supported for training (only Linear and Conv)")
+
+
+def _weight_and_bias(module: torch.nn.Module, x: torch.Tensor):
+    if hasattr(module, "comfy_cast_weights"):
+        import comfy.ops
+
+        return comfy.ops.cast_bias_weight(module, x)
+    bias = None if module.bias is None else module.bias.to(x.dtype)
+    return module.weight.to(x.dtype), bias
+
+
+def install_layers(patcher, layers: dict[str, ShiftedLayer], elementwise: dict[str, torch.nn.Parameter]) -> None:
+    """Object-patch each shifted layer's forward; weight-wrap each elementwise delta."""
+    for key, layer in layers.items():
+        path = key[: -len(".weight")]
+        module = comfy.utils.get_attr(patcher.model, path)
+        geometry = _geometry(module)
+        frozen = type(module).forward.__get__(module)
+
+        def forward(x, *args, _layer=layer, _frozen=frozen, _module=module, _geometry=geometry, **kwargs):
+            return shifted_call(_layer, x, lambda inp: _frozen(inp, *args, **kwargs), lambda inp: _weight_and_bias(_module, inp), _geometry)
+
+        patcher.add_object_patch(f"{path}.forward", forward)
+    for key, delta in elementwise.items():
+        patcher.add_weight_wrapper(key, ElementwiseDelta(delta))
+
+
+def _checkpointed(forward):
+    """Gradient checkpointing that replays with the arguments as they were.
+
+    ComfyUI mutates ``transformer_options`` (a dict argument) during the forward pass;
+    a plain checkpoint would replay with the mutated dict, so dict arguments are
+    copied both for the first pass and for the replay.
+    """
+
+    def run(*args, **kwargs):
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+
+        def replay(*a):
+            return forward(
+                *(dict(x) if isinstance(x, dict) else x for x in a), **{k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            )
+
+        return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False)
+
+    return run
+
+
+def install_norm_input_copies(patcher) -> int:
+    """Let normalisation layers keep a private copy of their input for the backward pass.
+
+    Transformer models in ComfyUI (Flux's blocks: ``img += …``, ``x += …``) add
+    residuals in place into the tensor a preceding norm saved for its backward,
+    which autograd rejects. The SD UNets do not, so this is used for the others.
+    """
+    count = 0
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if "Norm" not in type(module).__name__ or not name:
+            continue
+        original = type(module).forward.__get__(module)
+
+        def forward(x, *args, _original=original, **kwargs):
+            return _original(x.clone() if torch.is_grad_enabled() and x.requires_grad else x, *args, **kwargs)
+
+        patcher.add_object_patch(f"diffusion_model.{name}.forward", forward)
+        count += 1
+    return count
+
+
+def install_checkpointing(patcher) -> int:
+    """Checkpoint the highest non-container modules of the diffusion model."""
+    count = 0
+
+    def visit(module: torch.nn.Module, path: str) -> None:
+        nonlocal count
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}"
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+                visit(child, child_path)
+            else:
+                key = f"{child_path}.forward"
+                # A shifted layer can itself be a top-level child (conv_in, time_embed):
+                # checkpoint its shifted forward, not the frozen one.
+                inner = patcher.object_patches.get(key) or type(child).forward.__get__(child)
+                patcher.add_object_patch(key, _checkpointed(inner))
+                count += 1
+
+    visit(patcher.model.diffusion_model, "diffusion_model")
+    return count
+
+
+# ----------------------------------------------------------------------------------
+# The training run
+
+
+@dataclass
+class Example:
+    """One training example: a (process_latent_in-ed later) latent and its caption index."""
+
+    latent: torch.Tensor  # (1, C, H, W), VAE latent as ComfyUI's VAEEncode returns it
+    cond_index: int
+    flipped: torch.Tensor | None = None  # latent of the mirrored image, if flips are on
+
+
+@dataclass
+class TrainingResult:
+    shift: SpectralShift
+    losses: list[float]
+    optimizer_state: dict[str, torch.Tensor]
+    steps: int
+    seconds: float
+    parameters: int
+    layers: int
+    notes: list[str] = field(default_factory=list)
+
+
+class _Guider(comfy.samplers.CFGGuider):
+    """Loads the model fully (training cannot offload) and keeps the positive conds only."""
+
+    def outer_sample(
+        self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None, latent_shapes=None
+    ):
+        import comfy.sampler_helpers
+
+        self.inner_model, self.conds, self.loaded_models = comfy.sampler_helpers.prepare_sampling(
+            self.model_patcher, noise.shape, self.conds, self.model_options, force_full_load=True
+        )
+        device = self.model_patcher.load_device
+        try:
+            self.model_patcher.pre_run()
+            self.inner_sample(
+                noise.to(device), latent_image.to(device), device, sampler, sigmas.to(device), denoise_mask, callback, disable_pbar, seed
+            )
+        finally:
+            self.model_patcher.cleanup()
+        comfy.sampler_helpers.cleanup_models(self.conds, self.loaded_models)
+        del self.inner_model
+        del self.loaded_models
+        return latent_image
+
+
+class _RunInside(comfy.samplers.Sampler):
+    def __init__(self, body: Callable):
+        self.body = body
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        self.body(model_wrap, extra_args)
+        return latent_image
+
+
+def native_mse(model, x_t: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Per-example MSE of the native prediction (see module docstring)."""
+    sampling = model.model_sampling
+    with torch.no_grad():
+        a = sampling.calculate_denoised(sigma, torch.zeros_like(x_t), x_t)
+        b = sampling.calculate_denoised(sigma, torch.ones_like(x_t), x_t) - a
+    prediction = (denoised - a) / b
+    target = (x0 - a) / b
+    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+
+
+def train(
+    model,
+    positive: list,
+    instance: list[Example],
+    prior: list[Example],
+    config: TrainConfig,
+    resume: SpectralShift | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    on_step: Callable[[int, float, Callable], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    architecture: str | None = None,
+    metadata: dict[str, str] | None = None,
+    gradient_checkpointing: bool = False,
+) -> TrainingResult:
+    """Train a spectral shift on ``model`` (never modified) and return it.
+
+    ``positive`` is a ComfyUI CONDITIONING list with one entry per caption;
+    ``Example.cond_index`` points into it. ``on_step(step, loss, snapshot)`` runs after
+    every optimizer step; ``snapshot()`` returns the shift trained so far.
+    """
+    started = time.perf_counter()
+    if not instance:
+        raise ValueError("the dataset is empty: give at least one image")
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
+    keys = select_parameters(shapes, config.subset, config.patterns)
+    if not keys:
+        raise ValueError(f"the layer subset '{config.subset}' with patterns '{config.patterns}' matches no weight of this model")
+    patched = [k for k in keys if model.patches.get(k)]
+    if patched:
+        raise ValueError(
+            f"the MODEL already carries patches (LoRAs or shifts) on {len(patched)} of the layers to train, e.g. '{patched[0]}'; "
+            "train on the base model and stack the LoRA or shift afterwards"
+        )
+
+    key_patches = model.get_key_patches()
+    cache = default_cache()
+    layers: dict[str, ShiftedLayer] = {}
+    elementwise: dict[str, torch.nn.Parameter] = {}
+    bases = {}
+    spectral_keys = [k for k in keys if len(shapes[k]) >= 2]
+    for i, key in enumerate(spectral_keys):
+        base, convert = key_patches[key][0]
+        base = convert(base, inplace=False)
+        bases[key] = base
+        init = None if resume is None else resume.tensors.get(key[: -len(".weight")] + ".delta")
+        layers[key] = ShiftedLayer(cache.get_or_compute(base, content_hash(base)), shapes[key], rank=config.rank or None, init=init)
+        if progress is not None:
+            progress(i + 1, len(spectral_keys))
+    for key in keys:
+        if len(shapes[key]) == 1:
+            base, convert = key_patches[key][0]
+            bases[key] = convert(base, inplace=False)
+            start = torch.zeros(shapes[key], dtype=torch.float32)
+            if resume is not None and (key[: -len(".weight")] + ".diff") in resume.tensors:
+                start = resume.tensors[key[: -len(".weight")] + ".diff"].float().clone()
+            elementwise[key] = torch.nn.Parameter(start)
+
+    patcher = model.clone()
+    comfy.model_management.unload_all_models()
+    with torch.inference_mode(False):
+        make_autograd_ready(patcher.model)
+        for layer in layers.values():
+            layer.to(patcher.load_device)
+        for key in elementwise:
+            elementwise[key].data = elementwise[key].data.to(patcher.load_device)
+        install_layers(patcher, layers, elementwise)
+        if type(patcher.model.diffusion_model).__name__ != "UNetModel":
+            install_norm_input_copies(patcher)
+        if gradient_checkpointing:
+            install_checkpointing(patcher)
+        names = {id(layer.delta): key for key, layer in layers.items()} | {id(p): key for key, p in elementwise.items()}
+
+        def snapshot() -> SpectralShift:
+            return _as_shift(layers, elementwise, bases, architecture, config, metadata)
+
+        guider = _Guider(patcher)
+        guider.inner_set_conds({"positive": positive})
+        trainer_box: dict = {}
+
+        def body(model_wrap, extra_args):
+            inner = model_wrap.inner_model
+            conds = _normal_tensors(model_wrap.conds["positive"])
+            device = patcher.load_device
+
+            def prepare(examples):
+                out = []
+                for ex in examples:
+                    lat = inner.process_latent_in(ex.latent.to(device, torch.float32)).clone()
+                    flip = None if ex.flipped is None else inner.process_latent_in(ex.flipped.to(device, torch.float32)).clone()
+                    out.append((lat, flip, ex.cond_index))
+                return out
+
+            data = prepare(instance)
+            prior_data = prepare(prior) if config.prior_weight > 0 else []
+            transformer_options = extra_args["model_options"].get("transformer_options", {})
+
+            def loss_fn(step, micro, generator):
+                batch = _draw(data, config.batch_size, generator, config.flip)
+                parts = [batch]
+                if prior_data:
+                    parts.append(_draw(prior_data, config.batch_size, generator, False))
+                x0 = torch.cat([lat for part in parts for lat, _ in part])
+                cond_idx = [i for part in parts for _, i in part]
+                noise = torch.randn(x0.shape, generator=generator).to(device)
+                percent = torch.rand(x0.shape[0], generator=generator)
+                sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent], device=device)
+                x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
+                c = _batched_conditioning(conds, cond_idx, x_t, sigma)
+                options = dict(transformer_options)
+                options["cond_or_uncond"] = [0] * x0.shape[0]
+                options["sigmas"] = sigma
+                denoised = inner.apply_model(x_t, sigma, transformer_options=options, **c)
+                per_example = native_mse(inner, x_t, sigma, denoised, x0)
+                n = len(parts[0])
+                loss = per_example[:n].mean()
+                if prior_data:
+                    loss = loss + config.prior_weight * per_example[n:].mean()
+                return loss
+
+            groups = {"spectral": [layer.delta for layer in layers.values()], "1d": list(elementwise.values()), "text": []}
+            trainer = Trainer(config, groups, loss_fn)
+            if resume is not None:
+                trainer.step = int(resume.training_summary().get("steps", 0))
+                trainer.losses = list(resume.training_summary().get("losses", []))[-10000:]
+            if optimizer_state:
+                trainer.load_state_tensors(optimizer_state, names)
+            trainer_box["trainer"] = trainer
+            trainer.run(on_step=None if on_step is None else (lambda s, loss: on_step(s, loss, snapshot)))
+
+        example = instance[0].latent
+        zeros = torch.zeros((1, *example.shape[1:]))
+        with _DifferentiableRope():
+            guider.sample(zeros, zeros, _RunInside(body), torch.ones(2), seed=config.seed)
+        trainer = trainer_box["trainer"]
+        state = trainer.state_tensors(names)
+    shift = snapshot()
+    parameters = sum(p.numel() for p in trainer.parameters)
+    return TrainingResult(
+        shift, trainer.losses, state, trainer.step, time.perf_counter() - started, parameters, len(layers) + len(elementwise)
+    )
+
+
+def _draw(data: list, count: int, generator: torch.Generator, flip: bool) -> list:
+    """``count`` examples (with replacement across steps, without within a batch)."""
+    order = torch.randperm(len(data), generator=generator).tolist()
+    picked = [data[order[i % len(data)]] for i in range(count)]
+    out = []
+    for lat, flipped, index in picked:
+        use_flip = flip and flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
+        out.append((flipped if use_flip else lat, index))
+    return out
+
+
+def _batched_conditioning(conds: list, indices: list[int], x: torch.Tensor, sigma: torch.Tensor) -> dict:
+    """Per-example conditioning for a batch, concatenated the way ComfyUI batches chunks."""
+    parts = []
+    for row, index in enumerate(indices):
+        area = comfy.samplers.get_area_and_mult(conds[index], x[row : row + 1], sigma[row : row + 1])
+        parts.append(area.conditioning)
+    return comfy.samplers.cond_cat(parts)
+
+
+def _as_shift(layers, elementwise, bases, architecture, config: TrainConfig, metadata) -> SpectralShift:
+    tensors = {}
+    for key, layer in layers.items():
+        tensors[key[: -len(".weight")] + ".delta"] = layer.delta.detach().float().cpu().clone()
+    for key, delta in elementwise.items():
+        tensors[key[: -len(".weight")] + ".diff"] = delta.detach().float().cpu().clone()
+    hashes = {key: content_hash(base)[:HASH_CHARS] for key, base in bases.items()}
+    meta = dict(metadata or {})
+    meta["svdiff.architecture"] = architecture or "unknown"
+    return SpectralShift(tensors, meta, hashes, name=meta.get("svdiff.name", "trained"))
+
+
+def learning_summary(config: TrainConfig, steps: int, losses: list[float], extra: dict) -> dict:
+    summary = {**config.summary(), "steps": steps, **extra}
+    tail = [round(x, 6) for x in losses if math.isfinite(x)]
+    summary["losses"] = tail[-2000:]
+    return summary
