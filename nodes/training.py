@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..svdiff import fileformat
 from ..svdiff.apply import apply_shift
-from ..svdiff.cache import content_hash, default_cache_dir
+from ..svdiff.cache import content_hash, default_cache
 from ..svdiff.inspection import line_chart, to_image_tensor
 from ..svdiff.shift import SpectralShift
 from ..svdiff.training import data as training_data
@@ -146,7 +146,7 @@ def _generate_prior(model, clip, prompt: str, count: int, resolution: int, seed:
     import comfy.utils
 
     key = hashlib.sha256(json.dumps([_model_fingerprint(model), prompt, count, resolution, seed, 25, 7.0]).encode()).hexdigest()[:24]
-    path = default_cache_dir() / "priors" / f"{key}.safetensors"
+    path = default_cache().directory / "priors" / f"{key}.safetensors"
     if path.is_file():
         from safetensors.torch import load_file
 
@@ -250,6 +250,12 @@ class SVDiffTrain(io.ComfyNode):
                     max=4096,
                     tooltip="Shift only the top-k singular values of each layer (appendix E.1); 0 = all.",
                 ),
+                io.Boolean.Input(
+                    "train_text_encoder", default=False, tooltip="Also shift the text encoder's linear layers (embeddings excluded)."
+                ),
+                io.Float.Input(
+                    "learning_rate_text", default=1e-4, min=0.0, max=1.0, step=1e-5, tooltip="Learning rate of the text-encoder shifts."
+                ),
                 io.Float.Input(
                     "prior_weight", default=1.0, min=0.0, max=100.0, step=0.05, tooltip="λ of eq. 3; 0 disables prior preservation."
                 ),
@@ -285,7 +291,19 @@ class SVDiffTrain(io.ComfyNode):
                     default=NO_RESUME,
                     tooltip="Continue a saved shift (and its optimizer state) up to 'steps' in total.",
                 ),
-                io.Boolean.Input("save_on_cancel", default=True, tooltip="When the run is cancelled, save what was trained so far."),
+                io.Boolean.Input(
+                    "save_on_cancel",
+                    default=True,
+                    tooltip="When the run is cancelled, save what was trained so far as '<prefix>_cancelled'.",
+                ),
+                io.Int.Input(
+                    "preview_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip="Sample a preview image with the shift so far every N steps (shown on the node); 0 = off.",
+                ),
+                io.String.Input("preview_prompt", default="", tooltip="Prompt of the previews; empty = the first training caption."),
                 io.Image.Input("class_images", optional=True),
                 DatasetType.Input("class_dataset", optional=True),
             ],
@@ -300,9 +318,9 @@ class SVDiffTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, steps, learning_rate, learning_rate_1d, layers, name_patterns, rank, prior_weight, class_prompt,
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, learning_rate_1d, layers, name_patterns, rank, train_text_encoder, learning_rate_text, prior_weight, class_prompt,
                 num_class_images, batch_size, grad_accumulation, optimizer, warmup_steps, max_grad_norm, random_flip, gradient_checkpointing, seed,
-                save_every, filename_prefix, resume_from, save_on_cancel, class_images=None, class_dataset=None):  # fmt: skip
+                save_every, filename_prefix, resume_from, save_on_cancel, preview_every, preview_prompt, class_images=None, class_dataset=None):  # fmt: skip
         import comfy.model_management
         import comfy.utils
 
@@ -315,11 +333,22 @@ class SVDiffTrain(io.ComfyNode):
             ("max_grad_norm", max_grad_norm),
         ):
             require_finite(name, value)
-        config = TrainConfig(
-            steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, lr_spectral=learning_rate, lr_1d=learning_rate_1d,
-            optimizer=optimizer, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, prior_weight=prior_weight, subset=layers,
-            patterns=name_patterns, rank=rank, seed=seed, flip=random_flip,
-        )  # fmt: skip
+        try:
+            config = TrainConfig(
+                steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, lr_spectral=learning_rate, lr_1d=learning_rate_1d,
+                optimizer=optimizer, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, prior_weight=prior_weight, subset=layers,
+                patterns=name_patterns, rank=rank, seed=seed, flip=random_flip, train_text_encoder=train_text_encoder, lr_text=learning_rate_text,
+            )  # fmt: skip
+        except ValueError as exc:  # name the node's inputs, not the config fields
+            message = str(exc)
+            for field, label in (
+                ("lr_spectral", "learning_rate"),
+                ("lr_1d", "learning_rate_1d"),
+                ("lr_text", "learning_rate_text"),
+                ("subset", "layers"),
+            ):
+                message = message.replace(field, label)
+            raise ValueError(message) from None
         safe_output_path(SHIFT_FOLDER, filename_prefix, "spectral-shift file")  # refuse a bad prefix before hours of training
         node_id = cls.hidden.unique_id
         resume = None
@@ -360,23 +389,33 @@ class SVDiffTrain(io.ComfyNode):
             shift.metadata["svdiff.training"] = json.dumps(comfy_training.learning_summary(config, step, losses, summary_extra))
             return shift
 
-        def on_step(step, loss, snapshot):
+        latest: dict = {}
+        preview = _Previewer(clip, vae, preview_prompt.strip() or captions[0], dataset.resolution, seed, model) if preview_every else None
+
+        def on_step(step, loss, context):
             losses_seen.append(loss)
+            latest.update(step=step, context=context)
             comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(step, steps)
+            image = preview(context, step) if preview is not None and step % preview_every == 0 else None
+            bar.update_absolute(step, steps, preview=image)
             if step % max(1, steps // 20) == 0 or step == steps:
                 log.info("SVDiff train step %d/%d loss %.5f (%.1f s)", step, steps, loss, time.perf_counter() - started)
             if save_every and step % save_every == 0 and step < steps:
-                path = _save(finish_metadata(snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", None)
+                path = _save(finish_metadata(context.snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", None)
                 saved.append(path.name)
 
+        log.info("SVDiff: training %s", _describe_subset(model, config))
         try:
             result = comfy_training.train(
                 model, positive, instance, prior, config, resume=resume, optimizer_state=state, on_step=on_step,
                 progress=comfy_training_progress(node_id), architecture=architecture, metadata=metadata,
+                gradient_checkpointing=gradient_checkpointing, clip=clip, captions=all_captions,
             )  # fmt: skip
         except comfy.model_management.InterruptProcessingException:
-            comfy.model_management.unload_all_models()
+            if save_on_cancel and "context" in latest:
+                shift = finish_metadata(latest["context"].snapshot(), latest["step"], losses_seen)
+                path = _save(shift, f"{filename_prefix}_cancelled", None)
+                log.warning("SVDiff: training cancelled at step %d; saved %s", latest["step"], path.name)
             raise
         finally:
             comfy.model_management.unload_all_models()  # restores the shared module (object patches, wrappers)
@@ -396,6 +435,47 @@ class SVDiffTrain(io.ComfyNode):
         return io.NodeOutput(
             new_model, new_clip, shift, loss_map, curve_tensor, ui={"text": (text,), **ui.PreviewImage(curve_tensor, cls=cls).as_dict()}
         )
+
+
+def _describe_subset(model, config: TrainConfig) -> str:
+    """Parameter count and file size of the chosen layers, before training starts."""
+    from ..svdiff.spectral import spectrum_length
+    from ..svdiff.training.subsets import select_parameters
+
+    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
+    keys = select_parameters(shapes, config.subset, config.patterns)
+    values = 0
+    for key in keys:
+        shape = shapes[key]
+        if len(shape) >= 2:
+            r = spectrum_length(shape)
+            values += min(r, config.rank) if config.rank else r
+        else:
+            values += shape[0]
+    header = 110 * len(keys)  # safetensors header bytes per tensor, roughly
+    return f"{len(keys)} layers, {values:,} values, about {(values * 2 + header) / 1000:,.0f} KB as fp16 ({config.subset})"
+
+
+class _Previewer:
+    """A few-step sample with the shift so far, decoded for the progress bar."""
+
+    def __init__(self, clip, vae, prompt, resolution, seed, model):
+        self.positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        channels = model.get_model_object("latent_format").latent_channels
+        self.latent = torch.zeros(1, channels, resolution // 8, resolution // 8)
+        self.vae, self.seed = vae, seed
+
+    def __call__(self, context, step):
+        from PIL import Image
+
+        samples = context.sample(self.positive, self.negative, self.latent, steps=8, seed=self.seed)
+        with torch.inference_mode():  # the VAE's weights are ComfyUI inference tensors
+            pixels = self.vae.decode(samples)[0]
+        if pixels.ndim == 4:
+            pixels = pixels[0]
+        image = Image.fromarray((pixels.clamp(0, 1).cpu().numpy() * 255).astype("uint8"))
+        return ("JPEG", image, 512)
 
 
 def comfy_training_progress(node_id):

@@ -147,7 +147,16 @@ class DecompositionCache:
     # -- public -------------------------------------------------------------------
 
     def get_or_compute(self, weight: torch.Tensor, digest: str | None = None) -> Decomposition:
-        """The decomposition of ``weight``, from memory, disk, or computed now."""
+        """The decomposition of ``weight``, from memory, disk, or computed now.
+
+        Always built outside inference mode: ComfyUI runs nodes under
+        ``torch.inference_mode``, and inference tensors could not later be used by
+        training (autograd refuses to save them).
+        """
+        with torch.inference_mode(False):
+            return self._get_or_compute(weight, digest)
+
+    def _get_or_compute(self, weight: torch.Tensor, digest: str | None) -> Decomposition:
         digest = digest or content_hash(weight)
         cached = self._from_ram(digest)
         if cached is not None:

@@ -28,6 +28,8 @@ except ImportError:  # ComfyUI before the weight-adapter registry (2025-04)
 else:
     _HAVE_REGISTRY = True
 
+ALGORITHM = "SVDiff"  # the name in ComfyUI's "Train LoRA" node
+
 
 class SpectralShiftAdapter(WeightAdapterBase):
     """ΔW = U diag(ReLU(σ + Σ sᵢδᵢ) − σ) Vᵀ on one weight (paper eqs. 2, 4, 5).
@@ -73,6 +75,19 @@ class SpectralShiftAdapter(WeightAdapterBase):
             log.warning("ignoring '%s': a spectral shift is a float vector, got %s %s", key, delta.dtype, tuple(delta.shape))
             return None
         return cls(loaded_keys, ((1.0, delta.to(torch.float32)),))
+
+    @classmethod
+    def create_train(cls, weight, rank=1, alpha=1.0):
+        """A fresh trainable shift for ComfyUI's "Train LoRA" node (algorithm "SVDiff").
+
+        ComfyUI's ``rank`` (a LoRA rank) does not apply: every singular value is
+        trained; SVDiffTrain has a separate rank limit.
+        """
+        return SpectralShiftTrain(None, weight=weight)
+
+    def to_train(self):
+        """Continue training a loaded shift in ComfyUI's "Train LoRA" node."""
+        return SpectralShiftTrain(self.total_shift().float(), weight=None)
 
     def total_shift(self, strength: float = 1.0) -> torch.Tensor:
         """``strength · Σ sᵢ δᵢ`` with rank-limited terms zero-padded."""
@@ -120,6 +135,54 @@ class SpectralShiftAdapter(WeightAdapterBase):
         return weight
 
 
+class SpectralShiftTrain(torch.nn.Module):
+    """Weight wrapper ``w ↦ w + ΔW(δ)`` trained by ComfyUI's "Train LoRA" node.
+
+    Its only parameter is called ``delta``, so the node's saved LoRA dict has the
+    keys of format v1 (``<layer>.delta``, next to its ``.diff``/``.diff_b``) and loads
+    with SVDiffLoader or the stock loader. The decomposition is made from the weight
+    given at creation, or from the first weight passed in (when continuing a file).
+    """
+
+    def __init__(self, delta: torch.Tensor | None, weight: torch.Tensor | None):
+        super().__init__()
+        self.layer = None
+        if weight is not None:
+            self._build(weight)
+        if delta is None:
+            delta = torch.zeros(self.layer.rank)
+        self.delta = torch.nn.Parameter(delta.detach().clone().float())
+
+    def _build(self, weight: torch.Tensor) -> None:
+        from .training.layers import ShiftedLayer
+
+        decomposition = default_cache().get_or_compute(weight.detach())
+        layer = ShiftedLayer(decomposition, tuple(weight.shape))
+        del layer.delta  # this module's own parameter is used instead
+        object.__setattr__(self, "layer", layer)
+
+    def __call__(self, weight):
+        if self.layer is None:
+            self._build(weight)
+        layer = self.layer
+        if layer.basis.device != weight.device:
+            layer.to(weight.device)
+        layer.delta = self.delta
+        return weight + layer.delta_weight(weight).to(weight.dtype)
+
+    def passive_memory_usage(self):
+        total = self.delta.numel() * self.delta.element_size()
+        if self.layer is not None:
+            total += sum(b.numel() * b.element_size() for b in self.layer.buffers())
+        return total
+
+    def move_to(self, device):
+        self.to(device)
+        if self.layer is not None:
+            self.layer.to(device)
+        return self.passive_memory_usage()
+
+
 def _identity(x):
     return x
 
@@ -151,6 +214,7 @@ def register() -> bool:
 
         registry.adapters[:] = [a for a in registry.adapters if getattr(a, "name", None) != SpectralShiftAdapter.name]
         registry.adapters.append(SpectralShiftAdapter)
+        registry.adapter_maps[ALGORITHM] = SpectralShiftAdapter
     except (ImportError, AttributeError, TypeError) as exc:
         log.warning("could not register the SVDiff weight adapter with ComfyUI (%s)", exc)
         return False

@@ -195,15 +195,16 @@ def _checkpointed(forward):
     return run
 
 
-def install_norm_input_copies(patcher) -> int:
+def install_norm_input_copies(patcher, root: str = "diffusion_model") -> int:
     """Let normalisation layers keep a private copy of their input for the backward pass.
 
-    Transformer models in ComfyUI (Flux's blocks: ``img += …``, ``x += …``) add
-    residuals in place into the tensor a preceding norm saved for its backward,
-    which autograd rejects. The SD UNets do not, so this is used for the others.
+    Transformer models in ComfyUI (Flux's blocks: ``img += …``; the CLIP text
+    encoders: ``x += …``) add residuals in place into the tensor a preceding norm
+    saved for its backward, which autograd rejects. The SD UNets do not.
     """
     count = 0
-    for name, module in patcher.model.diffusion_model.named_modules():
+    base = comfy.utils.get_attr(patcher.model, root) if root else patcher.model
+    for name, module in base.named_modules():
         if "Norm" not in type(module).__name__ or not name:
             continue
         original = type(module).forward.__get__(module)
@@ -211,7 +212,7 @@ def install_norm_input_copies(patcher) -> int:
         def forward(x, *args, _original=original, **kwargs):
             return _original(x.clone() if torch.is_grad_enabled() and x.requires_grad else x, *args, **kwargs)
 
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", forward)
+        patcher.add_object_patch(f"{root}.{name}.forward" if root else f"{name}.forward", forward)
         count += 1
     return count
 
@@ -261,6 +262,27 @@ class TrainingResult:
     parameters: int
     layers: int
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepContext:
+    """What ``on_step`` callbacks get: the shift so far and a way to sample with it."""
+
+    snapshot: Callable[[], SpectralShift]
+    patcher: object
+
+    def sample(self, positive, negative, latent: torch.Tensor, steps: int, seed: int, cfg: float = 5.0) -> torch.Tensor:
+        """Sample with the model as it is being trained (the shifted layers active)."""
+        import comfy.sample
+
+        noise = comfy.sample.prepare_noise(latent, seed)
+        with torch.no_grad():
+            try:
+                return comfy.sample.sample(
+                    self.patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True
+                )
+            finally:
+                self.patcher.pre_run()  # sampling's cleanup detaches the patcher from the model
 
 
 class _Guider(comfy.samplers.CFGGuider):
@@ -316,17 +338,46 @@ def train(
     config: TrainConfig,
     resume: SpectralShift | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
-    on_step: Callable[[int, float, Callable], None] | None = None,
+    on_step: Callable[[int, float, StepContext], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     architecture: str | None = None,
     metadata: dict[str, str] | None = None,
     gradient_checkpointing: bool = False,
+    clip=None,
+    captions: list[str] | None = None,
+) -> TrainingResult:
+    """Train a spectral shift on ``model`` (never modified) and return it (see :func:`_train`)."""
+    # Everything trainable must be created outside ComfyUI's inference mode.
+    with torch.inference_mode(False):
+        return _train(
+            model, positive, instance, prior, config, resume, optimizer_state, on_step, progress, architecture, metadata,
+            gradient_checkpointing, clip, captions,
+        )  # fmt: skip
+
+
+def _train(
+    model,
+    positive: list,
+    instance: list[Example],
+    prior: list[Example],
+    config: TrainConfig,
+    resume: SpectralShift | None,
+    optimizer_state: dict[str, torch.Tensor] | None,
+    on_step: Callable[[int, float, StepContext], None] | None,
+    progress: Callable[[int, int], None] | None,
+    architecture: str | None,
+    metadata: dict[str, str] | None,
+    gradient_checkpointing: bool,
+    clip,
+    captions: list[str] | None,
 ) -> TrainingResult:
     """Train a spectral shift on ``model`` (never modified) and return it.
 
     ``positive`` is a ComfyUI CONDITIONING list with one entry per caption;
-    ``Example.cond_index`` points into it. ``on_step(step, loss, snapshot)`` runs after
-    every optimizer step; ``snapshot()`` returns the shift trained so far.
+    ``Example.cond_index`` points into it. ``on_step(step, loss, context)`` runs after
+    every optimizer step (see :class:`StepContext`); raising there stops the run.
+    With ``config.train_text_encoder``, ``clip`` (never modified either) is trained too
+    and ``captions[i]`` is re-encoded with gradients for every example of caption i.
     """
     started = time.perf_counter()
     if not instance:
@@ -346,29 +397,45 @@ def train(
     cache = default_cache()
     layers: dict[str, ShiftedLayer] = {}
     elementwise: dict[str, torch.nn.Parameter] = {}
-    bases = {}
+    base_hashes: dict[str, str] = {}
+    base = None
     spectral_keys = [k for k in keys if len(shapes[k]) >= 2]
     for i, key in enumerate(spectral_keys):
         base, convert = key_patches[key][0]
         base = convert(base, inplace=False)
-        bases[key] = base
+        digest = content_hash(base)
+        base_hashes[key] = digest[:HASH_CHARS]
         init = None if resume is None else resume.tensors.get(key[: -len(".weight")] + ".delta")
-        layers[key] = ShiftedLayer(cache.get_or_compute(base, content_hash(base)), shapes[key], rank=config.rank or None, init=init)
+        layers[key] = ShiftedLayer(cache.get_or_compute(base, digest), shapes[key], rank=config.rank or None, init=init)
         if progress is not None:
             progress(i + 1, len(spectral_keys))
     for key in keys:
         if len(shapes[key]) == 1:
             base, convert = key_patches[key][0]
-            bases[key] = convert(base, inplace=False)
+            base_hashes[key] = content_hash(convert(base, inplace=False))[:HASH_CHARS]
             start = torch.zeros(shapes[key], dtype=torch.float32)
             if resume is not None and (key[: -len(".weight")] + ".diff") in resume.tensors:
                 start = resume.tensors[key[: -len(".weight")] + ".diff"].float().clone()
             elementwise[key] = torch.nn.Parameter(start)
+    text_layers: dict[str, ShiftedLayer] = {}
+    if config.train_text_encoder:
+        text_layers = _text_encoder_layers(clip, captions, config, base_hashes, cache, resume)
+    # Drop every reference to the weights before they are replaced by autograd-ready
+    # copies, or the old ones would stay alive and double the model's memory.
+    del key_patches, base
 
     patcher = model.clone()
+    text_clip = clip.clone() if text_layers else None
     comfy.model_management.unload_all_models()
     with torch.inference_mode(False):
         make_autograd_ready(patcher.model)
+        if text_clip is not None:
+            make_autograd_ready(text_clip.patcher.model)
+            for layer in text_layers.values():
+                layer.to(text_clip.patcher.load_device)
+            install_layers(text_clip.patcher, text_layers, {})
+            install_norm_input_copies(text_clip.patcher, root="")
+            tokens = [text_clip.tokenize(caption) for caption in captions]
         for layer in layers.values():
             layer.to(patcher.load_device)
         for key in elementwise:
@@ -379,9 +446,10 @@ def train(
         if gradient_checkpointing:
             install_checkpointing(patcher)
         names = {id(layer.delta): key for key, layer in layers.items()} | {id(p): key for key, p in elementwise.items()}
+        names |= {id(layer.delta): "text_encoders." + key for key, layer in text_layers.items()}
 
         def snapshot() -> SpectralShift:
-            return _as_shift(layers, elementwise, bases, architecture, config, metadata)
+            return _as_shift(layers, elementwise, base_hashes, architecture, metadata, text_layers)
 
         guider = _Guider(patcher)
         guider.inner_set_conds({"positive": positive})
@@ -415,7 +483,10 @@ def train(
                 percent = torch.rand(x0.shape[0], generator=generator)
                 sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent], device=device)
                 x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
-                c = _batched_conditioning(conds, cond_idx, x_t, sigma)
+                if text_clip is not None:
+                    c = _fresh_conditioning(text_clip, tokens, inner, cond_idx, x_t, sigma)
+                else:
+                    c = _batched_conditioning(conds, cond_idx, x_t, sigma)
                 options = dict(transformer_options)
                 options["cond_or_uncond"] = [0] * x0.shape[0]
                 options["sigmas"] = sigma
@@ -427,7 +498,11 @@ def train(
                     loss = loss + config.prior_weight * per_example[n:].mean()
                 return loss
 
-            groups = {"spectral": [layer.delta for layer in layers.values()], "1d": list(elementwise.values()), "text": []}
+            groups = {
+                "spectral": [layer.delta for layer in layers.values()],
+                "1d": list(elementwise.values()),
+                "text": [layer.delta for layer in text_layers.values()],
+            }
             trainer = Trainer(config, groups, loss_fn)
             if resume is not None:
                 trainer.step = int(resume.training_summary().get("steps", 0))
@@ -435,7 +510,8 @@ def train(
             if optimizer_state:
                 trainer.load_state_tensors(optimizer_state, names)
             trainer_box["trainer"] = trainer
-            trainer.run(on_step=None if on_step is None else (lambda s, loss: on_step(s, loss, snapshot)))
+            context = StepContext(snapshot, patcher)
+            trainer.run(on_step=None if on_step is None else (lambda s, loss: on_step(s, loss, context)))
 
         example = instance[0].latent
         zeros = torch.zeros((1, *example.shape[1:]))
@@ -461,6 +537,51 @@ def _draw(data: list, count: int, generator: torch.Generator, flip: bool) -> lis
     return out
 
 
+TEXT_SKIP = ("embedding", "position_ids")
+
+
+def _text_encoder_layers(clip, captions, config: TrainConfig, base_hashes: dict, cache, resume=None) -> dict[str, ShiftedLayer]:
+    """Spectral shifts on every Linear of the text encoder(s) (embeddings excluded:
+    a 49408-row vocabulary matrix would cost more per step than the whole UNet)."""
+    if clip is None:
+        raise ValueError("train_text_encoder is on but no CLIP was given; connect the CLIP or turn it off")
+    if not captions:
+        raise ValueError("train_text_encoder needs the training captions")
+    patcher = clip.patcher
+    shapes = {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
+    keys = sorted(k for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2 and not any(s in k for s in TEXT_SKIP))
+    patched = [k for k in keys if patcher.patches.get(k)]
+    if patched:
+        raise ValueError(
+            f"the CLIP already carries patches on {len(patched)} layers to train, e.g. '{patched[0]}'; train on the base CLIP and stack afterwards"
+        )
+    key_patches = patcher.get_key_patches()
+    layers = {}
+    for key in keys:
+        base, convert = key_patches[key][0]
+        base = convert(base, inplace=False)
+        digest = content_hash(base)
+        base_hashes[key] = digest[:HASH_CHARS]  # CLIP parameter keys never collide with diffusion_model.*
+        init = None if resume is None else resume.tensors.get("text_encoders." + key[: -len(".weight")] + ".delta")
+        layers[key] = ShiftedLayer(cache.get_or_compute(base, digest), shapes[key], rank=config.rank or None, init=init)
+    return layers
+
+
+def _fresh_conditioning(clip, tokens: list, model, indices: list[int], x: torch.Tensor, sigma: torch.Tensor) -> dict:
+    """Conditioning of a batch with the captions re-encoded by the text encoder being trained."""
+    import comfy.sampler_helpers
+
+    encoded = {}
+    for index in sorted(set(indices)):
+        cond = clip.encode_from_tokens_scheduled(tokens[index], show_pbar=False)
+        encoded[index] = comfy.sampler_helpers.convert_cond(cond)
+    parts = []
+    for row, index in enumerate(indices):
+        conds = comfy.samplers.encode_model_conds(model.extra_conds, [dict(encoded[index][0])], x[row : row + 1], x.device, "positive")
+        parts.append(comfy.samplers.get_area_and_mult(conds[0], x[row : row + 1], sigma[row : row + 1]).conditioning)
+    return comfy.samplers.cond_cat(parts)
+
+
 def _batched_conditioning(conds: list, indices: list[int], x: torch.Tensor, sigma: torch.Tensor) -> dict:
     """Per-example conditioning for a batch, concatenated the way ComfyUI batches chunks."""
     parts = []
@@ -470,13 +591,19 @@ def _batched_conditioning(conds: list, indices: list[int], x: torch.Tensor, sigm
     return comfy.samplers.cond_cat(parts)
 
 
-def _as_shift(layers, elementwise, bases, architecture, config: TrainConfig, metadata) -> SpectralShift:
+def _as_shift(layers, elementwise, base_hashes, architecture, metadata, text_layers=None) -> SpectralShift:
     tensors = {}
     for key, layer in layers.items():
         tensors[key[: -len(".weight")] + ".delta"] = layer.delta.detach().float().cpu().clone()
+    for key, layer in (text_layers or {}).items():
+        delta = layer.delta.detach().float().cpu().clone()
+        # Layers off the path to the UNet (the pooled projection on SD1.x, the layers
+        # after the hidden layer a model reads) get no gradient; leave them out.
+        if bool(delta.any()):
+            tensors["text_encoders." + key[: -len(".weight")] + ".delta"] = delta
     for key, delta in elementwise.items():
         tensors[key[: -len(".weight")] + ".diff"] = delta.detach().float().cpu().clone()
-    hashes = {key: content_hash(base)[:HASH_CHARS] for key, base in bases.items()}
+    hashes = dict(base_hashes)
     meta = dict(metadata or {})
     meta["svdiff.architecture"] = architecture or "unknown"
     return SpectralShift(tensors, meta, hashes, name=meta.get("svdiff.name", "trained"))

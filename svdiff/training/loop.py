@@ -61,7 +61,7 @@ class Trainer:
                 loss = self.loss_fn(self.step, micro, step_generator(self.config.seed, self.step, micro))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"the loss became {float(loss)} at step {self.step + 1}; lower the learning rates or enable gradient clipping"
+                        f"the loss became {float(loss.detach())} at step {self.step + 1}; lower the learning rates or enable gradient clipping"
                     )
                 (loss / accumulation).backward()
                 total += float(loss.detach()) / accumulation

@@ -192,3 +192,32 @@ def test_gradient_checkpointing_gives_the_same_shift(build):
     checkpointed = _train(model, clip, config, gradient_checkpointing=True).shift
     for key in plain.tensors:
         torch.testing.assert_close(checkpointed.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["SD15", "SDXL"])
+def test_text_encoder_training(build, arch):
+    """Text-encoder shifts learn (their own learning rate) and apply to the CLIP."""
+    model, clip = build(arch)
+    before = base_state(clip.patcher)
+    from comfyui_svdiff.svdiff import comfy_training
+
+    positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
+    config = TrainConfig(steps=3, lr_spectral=1e-2, lr_text=1e-2, prior_weight=0.0, seed=1, train_text_encoder=True)
+    result = comfy_training.train(
+        model, positive, _examples("SD15", count=2), [], config, architecture=arch, clip=clip, captions=["photo of a sks dog"]
+    )
+    text_keys = [k for k in result.shift.tensors if k.startswith("text_encoders.")]
+    assert len(text_keys) >= 10 and all(float(result.shift.tensors[k].abs().sum()) > 0 for k in text_keys)
+    if arch == "SD15":  # the pooled projection does not reach an SD1.x UNet: no gradient, left out
+        assert not any("text_projection" in k for k in text_keys)
+    else:  # SDXL reads clip_g's pooled projection (the "y" vector)
+        assert any("clip_g.transformer.text_projection" in k for k in text_keys)
+    if arch == "SDXL":
+        assert any(".clip_g." in k for k in text_keys) and any(".clip_l." in k for k in text_keys)
+    for k, v in clip.patcher.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    new_model, new_clip, report = apply_shift(model, clip, result.shift, 1.0, 1.0)
+    assert report.clip_layers == len(text_keys) and report.base_mismatches == 0
+    a = tiny_models.encode_prompt(clip, "photo of a sks dog")[0][0]
+    b = tiny_models.encode_prompt(new_clip, "photo of a sks dog")[0][0]
+    assert float((a - b).abs().max()) > 0

@@ -79,7 +79,12 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    expected = "SVDiffApply,SVDiffCombine,SVDiffExportLoRA,SVDiffInspect,SVDiffLoadShift,SVDiffLoader,SVDiffSave,SVDiffSelectLayers"
+    expected = ",".join(
+        sorted(
+            "SVDiffApply SVDiffCombine SVDiffExportLoRA SVDiffInspect SVDiffLoadShift SVDiffLoader SVDiffSave SVDiffSelectLayers "
+            "SVDiffDatasetFromFolder SVDiffDatasetFromImages SVDiffTrain".split()
+        )
+    )
     assert f"IDS {expected}" in run.stdout
     assert "ADAPTER 1" in run.stdout
     assert "FOLDER ['.safetensors']" in run.stdout

@@ -1,0 +1,178 @@
+"""SVDiffTrain and the dataset nodes through ComfyUI's executor, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_svdiff.svdiff.fileformat import read_shift
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def image_folder(comfy_handle):
+    folder = comfy_handle.input_dir / "svdiff_train" / "5_sks dog"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (72, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "0.txt").write_text("photo of a sks dog")
+    return "svdiff_train"
+
+
+def train_prompt(ckpt, folder, **overrides):
+    inputs = {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
+        "steps": 3, "learning_rate": 1e-3, "learning_rate_1d": 1e-6, "layers": "UNet-CA-KV", "name_patterns": "", "rank": 0,
+        "prior_weight": 1.0, "class_prompt": "photo of a dog", "num_class_images": 2, "batch_size": 1, "grad_accumulation": 1,
+        "optimizer": "AdamW", "warmup_steps": 0, "max_grad_norm": 1.0, "random_flip": True, "gradient_checkpointing": False,
+        "seed": 4, "save_every": 2, "filename_prefix": "tests/dog", "resume_from": "[none]", "save_on_cancel": True,
+        "preview_every": 2, "preview_prompt": "", "train_text_encoder": False, "learning_rate_text": 1e-4,
+    }  # fmt: skip
+    inputs.update(overrides)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {
+            "class_type": "SVDiffDatasetFromFolder",
+            "inputs": {
+                "folder": folder,
+                "resolution": 64,
+                "default_caption": "sks dog",
+                "trigger_word": "sks",
+                "caption_extension": ".txt",
+            },
+        },
+        "3": {"class_type": "SVDiffTrain", "inputs": inputs},
+    }
+
+
+def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, image_folder):
+    result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder), fresh_executor=True, timeout=900)
+    assert result.success, result.error_message
+    text = result.output("3")["text"][0]
+    assert "for 3 steps" in text and "saved dog.safetensors" in text
+    folder = comfy_handle.model_dir("spectral_shifts") / "tests"
+    saved = read_shift(folder / "dog.safetensors")
+    assert (folder / "dog.svdiffstate").is_file() and (folder / "dog_step000002.safetensors").is_file()
+    summary = json.loads(saved.metadata["svdiff.training"])
+    assert summary["steps"] == 3 and summary["subset"] == "UNet-CA-KV" and summary["trigger_words"] == ["sks"]
+    assert len(summary["losses"]) == 3 and saved.metadata["svdiff.trigger_words"] == "sks"
+    assert all(".attn2.to_k." in k or ".attn2.to_v." in k for k in saved.tensors)
+    assert saved.base_hashes and len(saved.base_hashes) == len(saved.tensors)
+    assert result.output("3")["images"]  # the loss curve
+
+    # Prior images were generated once and cached: a second run finds them.
+    priors = list((comfy_handle_cache_dir() / "priors").glob("*.safetensors"))
+    assert len(priors) == 1
+
+    resumed = comfy_handle.run_prompt(
+        train_prompt(
+            tiny_checkpoint, image_folder, steps=5, resume_from="tests/dog.safetensors", filename_prefix="tests/dog_more", save_every=0
+        ),
+        fresh_executor=True,
+        timeout=900,
+    )
+    assert resumed.success, resumed.error_message
+    more = read_shift(folder / "dog_more.safetensors")
+    assert json.loads(more.metadata["svdiff.training"])["steps"] == 5
+
+
+def comfy_handle_cache_dir():
+    from comfyui_svdiff.svdiff.cache import default_cache
+
+    return default_cache().directory
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning_rate": 0.0}, "learning_rate is 0.0; learning rates must be positive"),
+        ({"layers": "custom patterns only"}, "name_patterns is empty"),
+        ({"layers": "custom patterns only", "name_patterns": "no_such_layer"}, "matches no weight of this model"),
+        ({"class_prompt": ""}, "class_prompt is empty"),
+        ({"num_class_images": 0}, "there is no prior data"),
+        ({"filename_prefix": "../escape"}, "is not a valid name"),
+        ({"learning_rate": float("nan")}, "learning_rate is nan"),
+    ],
+)
+def test_bad_training_inputs(comfy_handle, tiny_checkpoint, image_folder, overrides, message):
+    result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder, **overrides), fresh_executor=True, timeout=900)
+    assert not result.success
+    assert message in (result.exception_message or result.error_message), result.error_message
+
+
+def test_dataset_problems_are_named(comfy_handle, tiny_checkpoint, image_folder):
+    empty = comfy_handle.input_dir / "svdiff_empty"
+    empty.mkdir(exist_ok=True)
+    result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, "svdiff_empty"), fresh_executor=True)
+    assert "contains no images" in result.exception_message
+    prompt = train_prompt(tiny_checkpoint, image_folder)
+    prompt["2"]["inputs"]["trigger_word"] = "zzz"
+    result = comfy_handle.run_prompt(prompt, fresh_executor=True)
+    assert "do not contain the trigger word 'zzz'" in result.exception_message
+    prompt["3"]["inputs"]["steps"] = 0
+    result = comfy_handle.run_prompt(prompt, fresh_executor=True)
+    assert not result.valid and "steps" in result.error_message
+
+
+def test_comfyui_train_lora_node_trains_svdiff(comfy_handle, tiny_checkpoint):
+    """The adapter appears as algorithm "SVDiff" in ComfyUI's own Train LoRA node, trains,
+    and its LoRA output is a v1 shift (".delta" next to ".diff"/".diff_b") that loads back."""
+    info = comfy_handle.object_info(["TrainLoraNode"])["TrainLoraNode"]
+    assert "SVDiff" in info["input"]["required"]["algorithm"][1]["options"]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a sks dog"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {
+            "class_type": "TrainLoraNode",
+            "inputs": {
+                "model": ["1", 0],
+                "latents": ["3", 0],
+                "positive": ["2", 0],
+                "batch_size": 1,
+                "grad_accumulation_steps": 1,
+                "steps": 2,
+                "learning_rate": 1e-2,
+                "rank": 8,
+                "optimizer": "AdamW",
+                "loss_function": "MSE",
+                "seed": 0,
+                "training_dtype": "fp32",
+                "lora_dtype": "fp32",
+                "algorithm": "SVDiff",
+                "gradient_checkpointing": False,
+                "existing_lora": "[None]",
+                "bucket_mode": False,
+            },  # fmt: skip
+        },
+        "5": {"class_type": "SaveLoRA", "inputs": {"lora": ["4", 1], "prefix": "loras/svdiff_from_train_lora"}},
+        "6": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["4", 1], "strength_model": 1.0}},
+        "7": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["6", 0],
+                "positive": ["2", 0],
+                "negative": ["2", 0],
+                "latent_image": ["3", 0],
+                "seed": 1,
+                "steps": 1,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "t/trainlora"}},
+    }
+    result = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=900)
+    assert result.success, result.error_message
+    (path,) = sorted((comfy_handle.output_dir / "loras").glob("svdiff_from_train_lora*.safetensors"))
+    shift = read_shift(path)
+    deltas = [k for k in shift.tensors if k.endswith(".delta")]
+    assert len(deltas) > 20 and any(bool(shift.tensors[k].any()) for k in deltas)
+    assert all(k.startswith("diffusion_model.") for k in shift.tensors)
