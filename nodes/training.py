@@ -47,6 +47,7 @@ class SVDiffDatasetFromFolder(io.ComfyNode):
             node_id="SVDiffDatasetFromFolder",
             display_name="Training Images from Folder (SVDiff)",
             category=f"{CATEGORY}/training",
+            is_output_node=True,  # shows the image/caption counts on its own
             description=(
                 "Images with kohya-style captions: '<image>.txt' beside each image; sub-folders named '<repeats>_<class words>' "
                 "(e.g. '10_sks dog') repeat their images. Images are scaled so the shorter side is the resolution, then center-cropped."
@@ -85,7 +86,12 @@ class SVDiffDatasetFromImages(io.ComfyNode):
             node_id="SVDiffDatasetFromImages",
             display_name="Training Images from IMAGE (SVDiff)",
             category=f"{CATEGORY}/training",
-            description="A dataset from an IMAGE batch and one caption (a template with {trigger}) for all of them, or one caption per line per image.",
+            description=(
+                "A dataset from IMAGE batches and captions: one caption (a template with {trigger}) for all images, or one per image "
+                "(one per line, or a list such as the texts of ComfyUI's 'Load Image and Text Dataset from Folder')."
+            ),
+            is_input_list=True,  # accepts the image and text lists of ComfyUI's dataset nodes
+            is_output_node=True,
             inputs=[
                 io.Image.Input("images"),
                 io.String.Input(
@@ -102,10 +108,15 @@ class SVDiffDatasetFromImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, captions, trigger_word, resolution):
-        lines = [line.replace("{trigger}", trigger_word.strip()) for line in captions.splitlines() if line.strip()]
+        trigger = trigger_word[0].strip()
+        if len(captions) == 1:  # a widget: one line for all, or one line per image
+            texts = [line for line in captions[0].splitlines() if line.strip()]
+        else:  # a list from a dataset node: one entry per image, empty ones reported by name
+            texts = list(captions)
+        lines = [line.replace("{trigger}", trigger) for line in texts]
         if not lines:
             raise ValueError("captions is empty; write a caption such as 'photo of a {trigger} dog'")
-        dataset = training_data.from_images(images, lines, resolution, trigger_word)
+        dataset = training_data.from_images(list(images), lines, resolution[0], trigger)
         return io.NodeOutput(dataset, ui=ui.PreviewText(f"{len(dataset.items)} images"))
 
 

@@ -94,12 +94,17 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            start = f.read(9)
     except OSError as exc:
         raise ShiftFileError(f"cannot read '{name}': {exc.strerror or exc}") from exc
     if size == 0:
         raise ShiftFileError(f"'{name}' is empty (0 bytes); the download or save was interrupted — get the file again")
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    head = start[:8]
+    # safetensors: an 8-byte little-endian header length, then the JSON header "{".
+    # Check that signature first: a header length of 128 + 256·k starts with 0x80,
+    # the same byte as a pickle.
+    looks_safetensors = len(start) == 9 and start[8:9] == b"{"
+    if not looks_safetensors and (start[:2] == b"PK" or (start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))):
         raise ShiftFileError(
             f"'{name}' is a pickled PyTorch file; SVDiff never unpickles files. "
             "Convert it to .safetensors in an environment you trust, or ask its author for a .safetensors file"

@@ -283,3 +283,15 @@ def test_core_imports_without_comfyui():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
+
+
+def test_a_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    """A safetensors header of 128 + 256·k bytes makes the file start with 0x80, like a pickle."""
+    for pad in range(0, 400):
+        path = tmp_path / "x.safetensors"
+        save_file({"diffusion_model.a.delta": torch.zeros(3)}, str(path), metadata={"svdiff.format": "1", "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("could not produce a header length ≡ 128 (mod 256)")
+    assert torch.equal(read_shift(path).tensors["diffusion_model.a.delta"], torch.zeros(3))

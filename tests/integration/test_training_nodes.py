@@ -176,3 +176,45 @@ def test_comfyui_train_lora_node_trains_svdiff(comfy_handle, tiny_checkpoint):
     deltas = [k for k in shift.tensors if k.endswith(".delta")]
     assert len(deltas) > 20 and any(bool(shift.tensors[k].any()) for k in deltas)
     assert all(k.startswith("diffusion_model.") for k in shift.tensors)
+
+
+def test_dataset_from_comfyui_dataset_node_lists(comfy_handle, image_folder):
+    """ComfyUI's own 'Load Image and Text Dataset from Folder' feeds SVDiffDatasetFromImages."""
+    caption_2 = comfy_handle.input_dir / image_folder / "5_sks dog" / "1.txt"
+    prompt = {
+        "1": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": image_folder}},
+        "2": {"class_type": "SVDiffDatasetFromImages", "inputs": {"images": ["1", 0], "captions": ["1", 1], "trigger_word": "", "resolution": 64}},
+    }
+    result = comfy_handle.run_prompt(prompt, fresh_executor=True)
+    assert "the caption of image 1 is empty" in result.exception_message  # 1.png has no caption file
+    caption_2.write_text("photo of a sks dog running")
+    try:
+        result = comfy_handle.run_prompt(prompt, fresh_executor=True)
+    finally:
+        caption_2.unlink()
+    assert result.success, result.error_message
+    assert result.output("2")["text"][0] == "10 images"  # 2 images × 5 repeats (ComfyUI's loader repeats them)
+    single = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 96, "batch_size": 3, "color": 0}},
+        "2": {"class_type": "SVDiffDatasetFromImages", "inputs": {"images": ["1", 0], "captions": "photo of a {trigger} dog", "trigger_word": "sks", "resolution": 64}},
+    }
+    result = comfy_handle.run_prompt(single, fresh_executor=True)
+    assert result.success and result.output("2")["text"][0] == "3 images"
+
+
+def test_cancel_saves_the_state_and_the_server_keeps_working(comfy_handle, tiny_checkpoint, image_folder):
+    """Cancelling from the UI (ComfyUI's interrupt) mid-training: the latest shift is
+    saved as <prefix>_cancelled, the input model stays untouched, the next prompt runs."""
+    from support.comfy_env import PromptTimeout
+
+    prompt = train_prompt(tiny_checkpoint, image_folder, steps=100000, save_every=0, preview_every=0, filename_prefix="tests/long")
+    with pytest.raises(PromptTimeout) as info:
+        comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=25)
+    assert info.value.result is None or info.value.result.status == "interrupted"
+    cancelled = comfy_handle.model_dir("spectral_shifts") / "tests" / "long_cancelled.safetensors"
+    assert cancelled.is_file()
+    shift = read_shift(cancelled)
+    assert 0 < json.loads(shift.metadata["svdiff.training"])["steps"] < 100000
+    assert not (comfy_handle.model_dir("spectral_shifts") / "tests" / "long.safetensors").exists()
+    ok = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder, steps=1, save_every=0, preview_every=0, filename_prefix="tests/after"), fresh_executor=True, timeout=600)
+    assert ok.success, ok.error_message
