@@ -90,3 +90,25 @@ def write_demo_lora(path: Path, model, clip, seed: int) -> None:
     lora = tiny_models.make_test_lora(model=model, clip=clip, rank=4, seed=seed, scale=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora.items()}, str(path), metadata={"svdiff.description": "demo LoRA (random)"})
+
+
+def write_demo_images(folder: Path, count: int = 4) -> None:
+    """Synthetic "subject" photos (a brown shape on varied backgrounds) with captions.
+
+    Stand-ins so the training workflow runs without downloads; replace them with
+    3-5 photos of your subject.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        background = tuple(int(c) for c in rng.integers(40, 220, 3))
+        image = Image.new("RGB", (512, 512), background)
+        draw = ImageDraw.Draw(image)
+        x, y = (int(v) for v in rng.integers(120, 260, 2))
+        draw.ellipse([x, y, x + 200, y + 160], fill=(120, 72, 30))
+        draw.ellipse([x + 140, y - 60, x + 240, y + 40], fill=(140, 84, 36))
+        image.save(folder / f"sks_dog_{i}.png")
+        (folder / f"sks_dog_{i}.txt").write_text("photo of a sks dog")

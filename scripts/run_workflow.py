@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_lora, write_demo_shift
+from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_images, write_demo_lora, write_demo_shift
 
 DEFAULT_WORKFLOW = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
 FILE_INPUTS = {
@@ -65,12 +65,8 @@ def main() -> int:
     for entry in prompt.values():
         if entry["class_type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
             entry["inputs"]["ckpt_name"] = checkpoint.name
-        if tiny or args.steps:
-            if entry["class_type"] in ("KSampler", "KSamplerAdvanced"):
-                entry["inputs"]["steps"] = args.steps or 4
-        if tiny or args.size:
-            if entry["class_type"] == "EmptyLatentImage":
-                entry["inputs"]["width"] = entry["inputs"]["height"] = args.size or 128
+    if tiny or args.steps or args.size:
+        shrink(prompt, steps=args.steps or (4 if tiny else None), size=args.size or (128 if tiny else None), training=tiny)
     prepare_files(handle, prompt, checkpoint)
 
     print(f"running {args.workflow.name} on {'the embedded tiny model' if tiny else checkpoint.name} …", flush=True)
@@ -82,10 +78,33 @@ def main() -> int:
     return 0
 
 
+def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) -> None:
+    """Smaller images, fewer sampler steps and a short training run (for the tiny model)."""
+    for entry in prompt.values():
+        inputs = entry["inputs"]
+        if steps and entry["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = steps
+        if size and entry["class_type"] == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = size
+        if size and entry["class_type"] in ("SVDiffDatasetFromFolder", "SVDiffDatasetFromImages"):
+            inputs["resolution"] = size
+        if training and entry["class_type"] == "SVDiffTrain":  # seconds, not hours
+            inputs.update(
+                steps=2 * (steps or 4), num_class_images=min(inputs.get("num_class_images", 0), 2), save_every=0, preview_every=steps or 4
+            )
+
+
 def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
-    """Create the demo shift/LoRA files the workflow names; refuse other missing files."""
+    """Create the demo shift/LoRA files and image folders the workflow names; refuse other missing files."""
     needed = []
     for entry in prompt.values():
+        if entry["class_type"] == "SVDiffDatasetFromFolder":
+            folder = handle.input_dir / entry["inputs"]["folder"]
+            if not folder.exists():
+                if not Path(entry["inputs"]["folder"]).name.startswith("demo_"):
+                    raise SystemExit(f"SVDiffDatasetFromFolder: folder '{folder}' does not exist; put your training images there")
+                write_demo_images(folder)
+                print(f"created demo training images in input/{entry['inputs']['folder']}")
         spec = FILE_INPUTS.get(entry["class_type"])
         if spec is None:
             continue

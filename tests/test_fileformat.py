@@ -278,6 +278,7 @@ def test_core_imports_without_comfyui():
         f"spec = importlib.util.spec_from_file_location('comfyui_svdiff', r'{ROOT / '__init__.py'}', submodule_search_locations=[r'{ROOT}'])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['comfyui_svdiff'] = m; spec.loader.exec_module(m)\n"
         "import comfyui_svdiff.svdiff, comfyui_svdiff.svdiff.apply, comfyui_svdiff.svdiff.export, comfyui_svdiff.svdiff.inspection\n"
+        "import comfyui_svdiff.svdiff.training.layers, comfyui_svdiff.svdiff.training.loop, comfyui_svdiff.svdiff.training.data, comfyui_svdiff.svdiff.layers\n"
         "bad = [k for k in sys.modules if k == 'comfy' or k.startswith(('comfy.', 'comfy_api', 'folder_paths'))]\n"
         "assert not bad, bad\n"
     )

@@ -114,9 +114,13 @@ def test_dataset_problems_are_named(comfy_handle, tiny_checkpoint, image_folder)
     prompt["2"]["inputs"]["trigger_word"] = "zzz"
     result = comfy_handle.run_prompt(prompt, fresh_executor=True)
     assert "do not contain the trigger word 'zzz'" in result.exception_message
+    prompt["2"]["inputs"]["trigger_word"] = ""
     prompt["3"]["inputs"]["steps"] = 0
     result = comfy_handle.run_prompt(prompt, fresh_executor=True)
-    assert not result.valid and "steps" in result.error_message
+    # The training node is refused at validation (the dataset node, an output node of its
+    # own, may still run): the message names the input.
+    assert any("steps" in m for m in result.validation.messages_for("3")), result.node_errors
+    assert "3" not in result.outputs
 
 
 def test_comfyui_train_lora_node_trains_svdiff(comfy_handle, tiny_checkpoint):
@@ -183,7 +187,10 @@ def test_dataset_from_comfyui_dataset_node_lists(comfy_handle, image_folder):
     caption_2 = comfy_handle.input_dir / image_folder / "5_sks dog" / "1.txt"
     prompt = {
         "1": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": image_folder}},
-        "2": {"class_type": "SVDiffDatasetFromImages", "inputs": {"images": ["1", 0], "captions": ["1", 1], "trigger_word": "", "resolution": 64}},
+        "2": {
+            "class_type": "SVDiffDatasetFromImages",
+            "inputs": {"images": ["1", 0], "captions": ["1", 1], "trigger_word": "", "resolution": 64},
+        },
     }
     result = comfy_handle.run_prompt(prompt, fresh_executor=True)
     assert "the caption of image 1 is empty" in result.exception_message  # 1.png has no caption file
@@ -196,7 +203,10 @@ def test_dataset_from_comfyui_dataset_node_lists(comfy_handle, image_folder):
     assert result.output("2")["text"][0] == "10 images"  # 2 images × 5 repeats (ComfyUI's loader repeats them)
     single = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 96, "batch_size": 3, "color": 0}},
-        "2": {"class_type": "SVDiffDatasetFromImages", "inputs": {"images": ["1", 0], "captions": "photo of a {trigger} dog", "trigger_word": "sks", "resolution": 64}},
+        "2": {
+            "class_type": "SVDiffDatasetFromImages",
+            "inputs": {"images": ["1", 0], "captions": "photo of a {trigger} dog", "trigger_word": "sks", "resolution": 64},
+        },
     }
     result = comfy_handle.run_prompt(single, fresh_executor=True)
     assert result.success and result.output("2")["text"][0] == "3 images"
@@ -216,5 +226,9 @@ def test_cancel_saves_the_state_and_the_server_keeps_working(comfy_handle, tiny_
     shift = read_shift(cancelled)
     assert 0 < json.loads(shift.metadata["svdiff.training"])["steps"] < 100000
     assert not (comfy_handle.model_dir("spectral_shifts") / "tests" / "long.safetensors").exists()
-    ok = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder, steps=1, save_every=0, preview_every=0, filename_prefix="tests/after"), fresh_executor=True, timeout=600)
+    ok = comfy_handle.run_prompt(
+        train_prompt(tiny_checkpoint, image_folder, steps=1, save_every=0, preview_every=0, filename_prefix="tests/after"),
+        fresh_executor=True,
+        timeout=600,
+    )
     assert ok.success, ok.error_message

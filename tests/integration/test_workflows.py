@@ -28,16 +28,13 @@ def test_every_workflow_is_listed_in_the_readme():
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_on_the_tiny_checkpoint(comfy_handle, tiny_checkpoint, path):
     sys.path.insert(0, str(ROOT / "scripts"))
-    from run_workflow import prepare_files
+    from run_workflow import prepare_files, shrink
 
     prompt = ui_to_api(json.loads(path.read_text()), comfy_handle.object_info())
     for entry in prompt.values():
         if entry["class_type"] == "CheckpointLoaderSimple":
             entry["inputs"]["ckpt_name"] = tiny_checkpoint
-        if entry["class_type"] == "KSampler":
-            entry["inputs"]["steps"] = 2
-        if entry["class_type"] == "EmptyLatentImage":
-            entry["inputs"]["width"] = entry["inputs"]["height"] = 64
+    shrink(prompt, steps=2, size=64, training=True)
     prepare_files(comfy_handle, prompt, comfy_handle.model_dir("checkpoints") / tiny_checkpoint)
     result = comfy_handle.run_prompt(prompt, fresh_executor=True)
     assert result.success, result.error_message
