@@ -1,9 +1,10 @@
 """ComfyUI nodes (V3 schema). One module per capability; registration is in the package root."""
 
 from .common import register_model_folder
+from .editing import NODES as EDITING_NODES
 from .patching import NODES as PATCHING_NODES
 from .training import NODES as TRAINING_NODES
 
-ALL_NODES = [*PATCHING_NODES, *TRAINING_NODES]
+ALL_NODES = [*PATCHING_NODES, *TRAINING_NODES, *EDITING_NODES]
 
 __all__ = ["ALL_NODES", "register_model_folder"]

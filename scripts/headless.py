@@ -112,3 +112,16 @@ def write_demo_images(folder: Path, count: int = 4) -> None:
         draw.ellipse([x + 140, y - 60, x + 240, y + 40], fill=(140, 84, 36))
         image.save(folder / f"sks_dog_{i}.png")
         (folder / f"sks_dog_{i}.txt").write_text("photo of a sks dog")
+
+
+def write_demo_photo(path: Path) -> None:
+    """A synthetic "crown with a blue diamond and a golden eagle" for the CoSINE workflow."""
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (512, 512), (70, 40, 90))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(96, 380), (96, 200), (176, 290), (256, 170), (336, 290), (416, 200), (416, 380)], fill=(212, 170, 40))
+    draw.ellipse([226, 300, 286, 360], fill=(40, 90, 220))  # the blue diamond
+    draw.polygon([(256, 60), (196, 120), (226, 150), (256, 125), (286, 150), (316, 120)], fill=(230, 190, 60))  # the eagle
+    image.save(path)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_images, write_demo_lora, write_demo_shift
+from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_images, write_demo_lora, write_demo_photo, write_demo_shift
 
 DEFAULT_WORKFLOW = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
 FILE_INPUTS = {
@@ -84,7 +84,9 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
         inputs = entry["inputs"]
         if steps and entry["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = steps
-        if size and entry["class_type"] == "EmptyLatentImage":
+        if steps and entry["class_type"] == "BasicScheduler":
+            inputs["steps"] = steps
+        if size and entry["class_type"] in ("EmptyLatentImage", "ImageScale"):
             inputs["width"] = inputs["height"] = size
         if size and entry["class_type"] in ("SVDiffDatasetFromFolder", "SVDiffDatasetFromImages"):
             inputs["resolution"] = size
@@ -105,6 +107,13 @@ def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
                     raise SystemExit(f"SVDiffDatasetFromFolder: folder '{folder}' does not exist; put your training images there")
                 write_demo_images(folder)
                 print(f"created demo training images in input/{entry['inputs']['folder']}")
+        if entry["class_type"] == "LoadImage":
+            image = handle.input_dir / entry["inputs"]["image"]
+            if not image.exists():
+                if not image.name.startswith("demo_"):
+                    raise SystemExit(f"LoadImage: '{image}' does not exist; put your photo in ComfyUI's input folder")
+                write_demo_photo(image)
+                print(f"created demo photo input/{entry['inputs']['image']}")
         spec = FILE_INPUTS.get(entry["class_type"])
         if spec is None:
             continue

@@ -79,7 +79,8 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
     expected = ",".join(
         sorted(
             "SVDiffApply SVDiffCombine SVDiffExportLoRA SVDiffInspect SVDiffLoadShift SVDiffLoader SVDiffSave SVDiffSelectLayers "
-            "SVDiffDatasetFromFolder SVDiffDatasetFromImages SVDiffTrain".split()
+            "SVDiffDatasetFromFolder SVDiffDatasetFromImages SVDiffTrain "
+            "SVDiffDDIMInversion SVDiffInvertedNoise SVDiffDDIMSampler".split()
         )
     )
     assert f"IDS {expected}" in run.stdout

@@ -611,6 +611,41 @@ def build_model(
     return patcher, clip
 
 
+def smooth_in_time_(model, min_period: float = 2000.0, output_scale: float = 1.0) -> None:
+    """Make a tiny model's prediction vary smoothly with the noise level, in place.
+
+    A randomly initialised UNet/DiT sees its timestep through a sinusoidal embedding
+    whose fastest components turn by a radian per timestep, so its outputs at two
+    neighbouring sampler steps are unrelated, unlike a trained model's. Tests of
+    integrators (DDIM inversion) need the trained-model property; this zeroes the
+    first time-MLP's columns for embedding frequencies with a period shorter than
+    ``min_period`` timesteps (ComfyUI's layout: ``cat([cos(t·f), sin(t·f)])`` with
+    ``f_j = 10000^(-j/half)``; Flux multiplies t ∈ [0, 1] by 1000 first).
+    ``output_scale`` multiplies the last layer, which scales the prediction's
+    dependence on x (its Lipschitz constant) the same way.
+    """
+    import math
+
+    diffusion = model.model.diffusion_model
+    layer = None
+    if hasattr(diffusion, "time_embed"):
+        layer = diffusion.time_embed[0]
+    elif hasattr(diffusion, "time_in"):
+        layer = diffusion.time_in.in_layer
+    if layer is None:
+        raise ValueError(f"{type(diffusion).__name__} has no known time embedding")
+    half = layer.weight.shape[1] // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    fast = (2 * math.pi / freqs) < min_period
+    out = diffusion.out[-1] if hasattr(diffusion, "out") else diffusion.final_layer.linear
+    with torch.no_grad():
+        layer.weight[:, :half][:, fast] = 0
+        layer.weight[:, half:][:, fast] = 0
+        out.weight.mul_(output_scale)
+        if out.bias is not None:
+            out.bias.mul_(output_scale)
+
+
 def _vae_ddconfig(
     latent_channels: int, ch: int, ch_mult: Iterable[int], num_res_blocks: int
 ) -> dict:
