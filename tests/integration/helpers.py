@@ -111,3 +111,10 @@ def assert_weights_close(got: dict, expected: dict, base: dict, rel=1e-4, what="
 
 def base_state(patcher):
     return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def ksampler(model, positive, negative, latent, seed=1, steps=1, cfg=1.0) -> dict:
+    """An API-format KSampler node (euler, normal schedule, full denoise)."""
+    inputs = {"model": list(model), "positive": list(positive), "negative": list(negative), "latent_image": list(latent)}
+    inputs.update(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+    return {"class_type": "KSampler", "inputs": inputs}

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
-from integration.helpers import random_shift
+from integration.helpers import ksampler, random_shift
 from support import tiny_models
 
 pytestmark = pytest.mark.integration
@@ -40,21 +40,7 @@ def txt2img(ckpt, extra: dict, model_ref=("1", 0), clip_ref=("1", 1), seed=7, sa
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": list(clip_ref), "text": "photo of a sks dog"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": list(clip_ref), "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": list(model_ref),
-                "positive": ["2", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": seed,
-                "steps": 2,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
+        "5": ksampler(model_ref, ["2", 0], ["3", 0], ["4", 0], seed=seed, steps=2, cfg=2.0),
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": save_latent}},
     }
     prompt.update(extra)
@@ -259,21 +245,7 @@ def apply_prompt(ckpt, shift_name, strength=1.0):
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "x"}},
         "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "seed": 1,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
+        "6": ksampler(["2", 0], ["3", 0], ["4", 0], ["5", 0], seed=1, steps=1, cfg=1.0),
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "t/bad"}},
     }
 

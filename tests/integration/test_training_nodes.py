@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from comfyui_svdiff.svdiff.fileformat import read_shift
+from integration.helpers import ksampler
 
 pytestmark = pytest.mark.integration
 
@@ -156,21 +157,7 @@ def test_comfyui_train_lora_node_trains_svdiff(comfy_handle, tiny_checkpoint):
         },
         "5": {"class_type": "SaveLoRA", "inputs": {"lora": ["4", 1], "prefix": "loras/svdiff_from_train_lora"}},
         "6": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["4", 1], "strength_model": 1.0}},
-        "7": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "positive": ["2", 0],
-                "negative": ["2", 0],
-                "latent_image": ["3", 0],
-                "seed": 1,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },
+        "7": ksampler(["6", 0], ["2", 0], ["2", 0], ["3", 0], seed=1, steps=1, cfg=1.0),
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "t/trainlora"}},
     }
     result = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=900)
