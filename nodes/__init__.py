@@ -2,9 +2,10 @@
 
 from .common import register_model_folder
 from .editing import NODES as EDITING_NODES
+from .multisubject import NODES as MULTISUBJECT_NODES
 from .patching import NODES as PATCHING_NODES
 from .training import NODES as TRAINING_NODES
 
-ALL_NODES = [*PATCHING_NODES, *TRAINING_NODES, *EDITING_NODES]
+ALL_NODES = [*PATCHING_NODES, *TRAINING_NODES, *MULTISUBJECT_NODES, *EDITING_NODES]
 
 __all__ = ["ALL_NODES", "register_model_folder"]

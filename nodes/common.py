@@ -15,6 +15,9 @@ log = logging.getLogger("svdiff")
 SHIFT_FOLDER = "spectral_shifts"
 CATEGORY = "SVDiff"
 SpectralShiftType = io.Custom("SPECTRAL_SHIFT")
+DatasetType = io.Custom("SVDIFF_DATASET")
+"""A single-subject ``Dataset`` or a Cut-Mix-Unmix ``MultiSubjectDataset``."""
+AttentionType = io.Custom("SVDIFF_ATTENTION")
 
 
 def register_model_folder() -> None:

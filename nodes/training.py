@@ -17,13 +17,25 @@ from ..svdiff.apply import apply_shift
 from ..svdiff.cache import content_hash, default_cache
 from ..svdiff.inspection import line_chart, to_image_tensor
 from ..svdiff.shift import SpectralShift
+from ..svdiff.training import attention as attention_math
 from ..svdiff.training import data as training_data
-from ..svdiff.training.config import OPTIMIZERS, TrainConfig
+from ..svdiff.training.config import OPTIMIZERS, AttentionConfig, TrainConfig
+from ..svdiff.training.cutmix import MultiSubjectDataset, multi_subject_plan
 from ..svdiff.training.subsets import CUSTOM, SUBSETS
-from .common import CATEGORY, SHIFT_FOLDER, SpectralShiftType, numbered, require_finite, safe_output_path, shift_files, shift_path
+from .common import (
+    CATEGORY,
+    SHIFT_FOLDER,
+    AttentionType,
+    DatasetType,
+    SpectralShiftType,
+    numbered,
+    require_finite,
+    safe_output_path,
+    shift_files,
+    shift_path,
+)
 
 log = logging.getLogger("svdiff")
-DatasetType = io.Custom("SVDIFF_DATASET")
 NO_RESUME = "[none]"
 
 
@@ -199,6 +211,98 @@ def _prior_examples(model, clip, vae, class_dataset, class_images, class_prompt,
     )
 
 
+def _single_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool) -> list:
+    """(latent, mirrored latent, caption, attention targets) of each (repeated) image."""
+    from ..svdiff import comfy_training
+
+    targets = {}
+    if attention is not None:
+        if attention.unmix_weight > 0:
+            raise ValueError(
+                "unmix_weight needs a Cut-Mix-Unmix dataset (collages of two subjects); connect SVDiffCutMixUnmix, or set unmix_weight to 0"
+            )
+        if not dataset.trigger or not attention.class_word:
+            raise ValueError(
+                "subject_weight (eq. 10) needs the dataset's trigger_word and the attention node's class_word (e.g. 'sks' and 'dog'); "
+                "set both, or set subject_weight to 0"
+            )
+        for caption in dataset.captions():
+            targets[caption] = comfy_training.AttentionTargets(
+                special=comfy_training.token_positions(clip, caption, dataset.trigger),
+                class_positions=comfy_training.token_positions(clip, caption, attention.class_word),
+            )
+    return [(lat, mirrored, caption, targets.get(caption)) for lat, mirrored, caption in _encode_images(vae, dataset, flip)]
+
+
+def _encode_pixels(vae, image: torch.Tensor, flip: bool):
+    pixels = image[None, ..., :3]
+    return vae.encode(pixels), (vae.encode(torch.flip(pixels, dims=[2])) if flip else None)
+
+
+def _multi_subject_examples(dataset, model, clip, vae, attention, flip, prior_weight, num_class_images, seed, node_id):
+    """Examples and the training plan of a Cut-Mix-Unmix dataset.
+
+    Instance rows: each subject's images (mirrored at random like single-subject
+    data), then the collages (never mirrored: their captions say left and right).
+    Prior rows: each subject's class images, then the prior collages.
+    """
+    from ..svdiff import comfy_training
+
+    if prior_weight > 0 and not dataset.has_class_images():
+        if num_class_images <= 0:
+            raise ValueError(
+                "prior_weight is above 0 but the Cut-Mix-Unmix subjects have no class images: connect class_1, class_2, … on the "
+                "Cut-Mix-Unmix node, or set num_class_images to generate them, or set prior_weight to 0"
+            )
+        images, captions = [], []
+        for subject in dataset.subjects:
+            prompt = f"photo of a {subject.class_phrase}"
+            latents = _generate_prior(model, clip, prompt, num_class_images, dataset.resolution, seed, node_id)
+            with torch.inference_mode():
+                images.append([vae.decode(lat)[0, ..., :3].float().cpu() for lat in latents])
+            captions.append([prompt] * num_class_images)
+        dataset = dataset.with_class_images(images, captions)
+    unmix = attention is not None and attention.unmix_weight > 0
+    subject_reg = attention is not None and attention.subject_weight > 0
+    instance, single_rows, collage_rows = [], [], []
+    for subject in dataset.subjects:
+        rows = []
+        for image, caption in zip(subject.images, subject.captions, strict=True):
+            targets = None
+            if subject_reg:
+                targets = comfy_training.AttentionTargets(
+                    special=comfy_training.token_positions(clip, caption, subject.token),
+                    class_positions=comfy_training.token_positions(clip, caption, subject.class_phrase),
+                )
+            rows.append(len(instance))
+            instance.append((*_encode_pixels(vae, image, flip), caption, targets))
+        single_rows.append(rows)
+    for collage in dataset.collages:
+        targets = None
+        if unmix:
+            latent_grid = (dataset.resolution // 8, dataset.resolution // 8)
+            regions = [
+                (comfy_training.token_positions(clip, collage.caption, dataset.subjects[s].token), attention_math.pooled(mask, latent_grid))
+                for s, mask in zip(collage.subjects, collage.masks, strict=True)
+            ]
+            targets = comfy_training.AttentionTargets(regions=regions)
+        collage_rows.append(len(instance))
+        instance.append((_encode_pixels(vae, collage.image, False)[0], None, collage.caption, targets))
+    prior, prior_single, prior_collage = [], [], []
+    if prior_weight > 0:
+        for subject in dataset.subjects:
+            rows = []
+            for image, caption in zip(subject.class_images, subject.class_captions, strict=True):
+                rows.append(len(prior))
+                prior.append((_encode_pixels(vae, image, False)[0], None, caption, None))
+            prior_single.append(rows)
+        for collage in dataset.prior_collages:
+            prior_collage.append(len(prior))
+            prior.append((_encode_pixels(vae, collage.image, False)[0], None, collage.caption, None))
+    plan = multi_subject_plan(dataset.probability, single_rows, collage_rows, prior_single, prior_collage)
+    return instance, prior, plan
+
+
 def _save(shift: SpectralShift, prefix: str, state: dict[str, torch.Tensor] | None, overwrite: bool = False) -> Path:
     target = safe_output_path(SHIFT_FOLDER, prefix, "spectral-shift file")
     if not overwrite:
@@ -317,6 +421,11 @@ class SVDiffTrain(io.ComfyNode):
                 io.String.Input("preview_prompt", default="", tooltip="Prompt of the previews; empty = the first training caption."),
                 io.Image.Input("class_images", optional=True),
                 DatasetType.Input("class_dataset", optional=True),
+                AttentionType.Input(
+                    "attention",
+                    optional=True,
+                    tooltip="Cross-attention regularisers (unmix, eq. 10) from 'Attention Regularization (SVDiff)'.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -331,7 +440,7 @@ class SVDiffTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, learning_rate_1d, layers, name_patterns, rank, train_text_encoder, learning_rate_text, prior_weight, class_prompt,
                 num_class_images, batch_size, grad_accumulation, optimizer, warmup_steps, max_grad_norm, random_flip, gradient_checkpointing, seed,
-                save_every, filename_prefix, resume_from, save_on_cancel, preview_every, preview_prompt, class_images=None, class_dataset=None):  # fmt: skip
+                save_every, filename_prefix, resume_from, save_on_cancel, preview_every, preview_prompt, class_images=None, class_dataset=None, attention=None):  # fmt: skip
         import comfy.model_management
         import comfy.utils
 
@@ -369,26 +478,35 @@ class SVDiffTrain(io.ComfyNode):
             resume = fileformat.read_shift(resume_path)
             state = _load_state(resume_path)
 
-        captions = dataset.captions()
-        instance_raw = _encode_images(vae, dataset, flip=random_flip)
-        prior_raw = []
-        if prior_weight > 0:
-            prior_raw = _prior_examples(
-                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, seed, node_id
+        plan = None
+        if isinstance(dataset, MultiSubjectDataset):
+            instance_raw, prior_raw, plan = _multi_subject_examples(
+                dataset, model, clip, vae, attention, random_flip, prior_weight, num_class_images, seed, node_id
             )
-        all_captions = sorted(set(captions) | {caption for _, _, caption in prior_raw})
+        else:
+            instance_raw = _single_subject_examples(dataset, clip, vae, attention, random_flip)
+            prior_raw = []
+            if prior_weight > 0:
+                prior_raw = [
+                    (lat, flipped, caption, None)
+                    for lat, flipped, caption in _prior_examples(
+                        model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, seed, node_id
+                    )
+                ]
+        captions = sorted({caption for _, _, caption, _ in instance_raw})
+        all_captions = sorted(set(captions) | {caption for _, _, caption, _ in prior_raw})
         positive = _encode_captions(clip, all_captions)
         index = {caption: i for i, caption in enumerate(all_captions)}
-        instance = [comfy_training.Example(lat, index[c], flipped) for lat, flipped, c in instance_raw]
-        prior = [comfy_training.Example(lat, index[c], flipped) for lat, flipped, c in prior_raw]
+        instance = [comfy_training.Example(lat, index[c], flipped, targets) for lat, flipped, c, targets in instance_raw]
+        prior = [comfy_training.Example(lat, index[c], flipped, targets) for lat, flipped, c, targets in prior_raw]
 
         architecture = type(model.model.model_config).__name__
         trigger = dataset.trigger
         summary_extra = {
             "captions": all_captions[:50],
             "class_prompt": class_prompt,
-            "trigger_words": [trigger] if trigger else [],
-            "images": len(dataset.items),
+            "trigger_words": [word.strip() for word in trigger.split(",") if word.strip()],
+            "images": len(instance),
         }
         metadata = {"svdiff.trigger_words": trigger} if trigger else {}
         bar = comfy.utils.ProgressBar(steps, node_id=node_id)
@@ -420,7 +538,7 @@ class SVDiffTrain(io.ComfyNode):
             result = comfy_training.train(
                 model, positive, instance, prior, config, resume=resume, optimizer_state=state, on_step=on_step,
                 progress=comfy_training_progress(node_id), architecture=architecture, metadata=metadata,
-                gradient_checkpointing=gradient_checkpointing, clip=clip, captions=all_captions,
+                gradient_checkpointing=gradient_checkpointing, clip=clip, captions=all_captions, plan=plan, attention=attention,
             )  # fmt: skip
         except comfy.model_management.InterruptProcessingException:
             if save_on_cancel and "context" in latest:

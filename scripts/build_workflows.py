@@ -23,6 +23,9 @@ from headless import start_comfy  # noqa: E402
 NEGATIVE = "blurry, low quality, watermark"
 CROWN = "photo of a crown with a blue diamond and a golden eagle on it"
 EDIT = "photo of a crown with a blue diamond on it"
+PAIR = "photo of a sks dog sitting beside a zwx sculpture"
+CUT_MIX_TEMPLATES = "photo of a {left} on the left and a {right} on the right\nphoto of a {a} and a {b}"
+DEMO_FOLDER = {"resolution": 512, "caption_extension": ".txt"}
 
 
 def train_widgets(**values):
@@ -316,6 +319,91 @@ WORKFLOWS = {
             node(22, "VAEDecode", [2560, 700], {}, {"samples": (21, 0), "vae": (1, 2)}),
             node(23, "SaveImage", [2800, 700], {"filename_prefix": "svdiff/crown_edit_no_inversion"}, {"images": (22, 0)}),
             node(24, "PreviewImage", [740, 860], {}, {"images": (5, 4)}, "Loss curve"),
+        ],
+    },
+    "svdiff_multi_subject": {
+        "title": "Learn two subjects together with Cut-Mix-Unmix, then sample them side by side",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "SVDiffDatasetFromFolder",
+                [20, 380],
+                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+            ),
+            node(
+                3,
+                "SVDiffDatasetFromFolder",
+                [20, 680],
+                {**DEMO_FOLDER, "folder": "demo_zwx_sculpture", "default_caption": "photo of a zwx sculpture", "trigger_word": "zwx"},
+            ),
+            node(
+                4,
+                "SVDiffCutMixUnmix",
+                [400, 380],
+                {
+                    "phrases": "sks dog\nzwx sculpture",
+                    "probability": 0.6,
+                    "layout": "left_right",
+                    "split_min": 0.5,
+                    "split_max": 0.5,
+                    "prompt_templates": CUT_MIX_TEMPLATES,
+                    "collages": 32,
+                    "random_flip": True,
+                    "seed": 0,
+                },
+                {"subject_1": (2, 0), "subject_2": (3, 0)},
+            ),
+            node(
+                5,
+                "SVDiffAttentionRegularization",
+                [400, 900],
+                {"unmix_weight": 100.0, "subject_weight": 0.0, "threshold": 0.5, "class_word": ""},
+            ),
+            node(
+                6,
+                "SVDiffTrain",
+                [800, 120],
+                train_widgets(
+                    steps=1000,
+                    prior_weight=1.0,
+                    class_prompt="",
+                    num_class_images=50,
+                    random_flip=True,
+                    save_every=250,
+                    filename_prefix="svdiff/sks_dog_zwx_sculpture",
+                    preview_every=250,
+                    preview_prompt=PAIR,
+                ),
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0), "attention": (5, 0)},
+                "Train both subjects (50 class images per subject are generated)",
+            ),
+            node(7, "CLIPTextEncode", [1200, 40], {"text": PAIR}, {"clip": (6, 1)}, "Positive"),
+            node(8, "CLIPTextEncode", [1200, 300], {"text": ""}, {"clip": (6, 1)}, "Null prompt"),
+            node(
+                9, "CLIPTextEncode", [1200, 560], {"text": "photo of a dog and a sculpture"}, {"clip": (6, 1)}, "Prior prompt as negative"
+            ),
+            node(
+                10,
+                "SVDiffNegativePriorGuider",
+                [1560, 40],
+                {"cfg": 7.5, "beta": 0.5},
+                {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "prior_negative": (9, 0)},
+            ),
+            node(11, "RandomNoise", [1560, 300], {"noise_seed": 5, "control_after_generate": "fixed"}),
+            node(12, "KSamplerSelect", [1560, 460], {"sampler_name": "euler"}),
+            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 30, "denoise": 1.0}, {"model": (6, 0)}),
+            node(14, "EmptyLatentImage", [1560, 760], {"width": 512, "height": 512, "batch_size": 1}),
+            node(
+                15,
+                "SamplerCustomAdvanced",
+                [1920, 40],
+                {},
+                {"noise": (11, 0), "guider": (10, 0), "sampler": (12, 0), "sigmas": (13, 0), "latent_image": (14, 0)},
+            ),
+            node(16, "VAEDecode", [2280, 40], {}, {"samples": (15, 0), "vae": (1, 2)}),
+            node(17, "SaveImage", [2520, 40], {"filename_prefix": "svdiff/sks_dog_beside_zwx_sculpture"}, {"images": (16, 0)}),
+            node(18, "PreviewImage", [1200, 820], {}, {"images": (6, 4)}, "Loss curve"),
         ],
     },
     "svdiff_export_lora": {

@@ -92,26 +92,32 @@ def write_demo_lora(path: Path, model, clip, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in lora.items()}, str(path), metadata={"svdiff.description": "demo LoRA (random)"})
 
 
-def write_demo_images(folder: Path, count: int = 4) -> None:
-    """Synthetic "subject" photos (a brown shape on varied backgrounds) with captions.
+DEMO_SUBJECTS = {"sks_dog": ((120, 72, 30), 0), "zwx_sculpture": ((40, 40, 40), 1)}
 
-    Stand-ins so the training workflow runs without downloads; replace them with
-    3-5 photos of your subject.
+
+def write_demo_images(folder: Path, count: int = 4) -> None:
+    """Synthetic "subject" photos (a coloured shape on varied backgrounds) with captions.
+
+    Stand-ins so the training workflows run without downloads; replace them with
+    3-5 photos of your subject. ``demo_<token>_<noun>`` folders get captions
+    "photo of a <token> <noun>" (a brown "sks dog" by default, a dark "zwx sculpture").
     """
     import numpy as np
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    name = folder.name.removeprefix("demo_") if folder.name.startswith("demo_") and "_" in folder.name[5:] else "sks_dog"
+    colour, seed = DEMO_SUBJECTS.get(name, ((90, 120, 160), 2))
+    rng = np.random.default_rng(seed)
     for i in range(count):
         background = tuple(int(c) for c in rng.integers(40, 220, 3))
         image = Image.new("RGB", (512, 512), background)
         draw = ImageDraw.Draw(image)
         x, y = (int(v) for v in rng.integers(120, 260, 2))
-        draw.ellipse([x, y, x + 200, y + 160], fill=(120, 72, 30))
-        draw.ellipse([x + 140, y - 60, x + 240, y + 40], fill=(140, 84, 36))
-        image.save(folder / f"sks_dog_{i}.png")
-        (folder / f"sks_dog_{i}.txt").write_text("photo of a sks dog")
+        draw.ellipse([x, y, x + 200, y + 160], fill=colour)
+        draw.ellipse([x + 140, y - 60, x + 240, y + 40], fill=tuple(min(255, c + 20) for c in colour))
+        image.save(folder / f"{name}_{i}.png")
+        (folder / f"{name}_{i}.txt").write_text("photo of a " + name.replace("_", " ", 1))
 
 
 def write_demo_photo(path: Path) -> None:

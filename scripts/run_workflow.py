@@ -90,6 +90,8 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
             inputs["width"] = inputs["height"] = size
         if size and entry["class_type"] in ("SVDiffDatasetFromFolder", "SVDiffDatasetFromImages"):
             inputs["resolution"] = size
+        if training and entry["class_type"] == "SVDiffCutMixUnmix":
+            inputs["collages"] = min(inputs["collages"], 4)
         if training and entry["class_type"] == "SVDiffTrain":  # seconds, not hours
             inputs.update(
                 steps=2 * (steps or 4), num_class_images=min(inputs.get("num_class_images", 0), 2), save_every=0, preview_every=steps or 4

@@ -33,7 +33,8 @@ import torch.utils.checkpoint
 from .cache import content_hash, default_cache
 from .fileformat import HASH_CHARS
 from .shift import SpectralShift
-from .training.config import TrainConfig
+from .training import attention as attention_math
+from .training.config import AttentionConfig, TrainConfig
 from .training.layers import ConvGeometry, ShiftedLayer, shifted_call
 from .training.loop import Trainer
 from .training.subsets import select_parameters
@@ -244,12 +245,128 @@ def install_checkpointing(patcher) -> int:
 
 
 @dataclass
+class AttentionTargets:
+    """What the attention regularisers need of one example (token positions in its caption)."""
+
+    regions: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    """Collages: each subject's special-token positions and its (h, w) latent-resolution mask."""
+    special: list[int] = field(default_factory=list)
+    """Single-subject examples: the special token's positions …"""
+    class_positions: list[int] = field(default_factory=list)
+    """… and the class word's, whose thresholded attention is the subject mask (eq. 10)."""
+
+
+@dataclass
 class Example:
     """One training example: a (process_latent_in-ed later) latent and its caption index."""
 
     latent: torch.Tensor  # (1, C, H, W), VAE latent as ComfyUI's VAEEncode returns it
     cond_index: int
     flipped: torch.Tensor | None = None  # latent of the mirrored image, if flips are on
+    attention: AttentionTargets | None = None
+
+
+Plan = Callable[[torch.Generator, int], tuple[list[int], list[int]]]
+"""Which instance and prior examples a micro-batch of ``count`` draws."""
+
+
+def uniform_plan(n_instance: int, n_prior: int) -> Plan:
+    """Instance and prior examples drawn independently, uniformly (without replacement within a batch)."""
+
+    def plan(generator: torch.Generator, count: int) -> tuple[list[int], list[int]]:
+        order = torch.randperm(n_instance, generator=generator).tolist()
+        instance = [order[i % n_instance] for i in range(count)]
+        prior = []
+        if n_prior:
+            order = torch.randperm(n_prior, generator=generator).tolist()
+            prior = [order[i % n_prior] for i in range(count)]
+        return instance, prior
+
+    return plan
+
+
+# ----------------------------------------------------------------------------------
+# Cross-attention capture
+
+
+def attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
+    """The (block name, number, transformer index) of every cross-attention of a UNet,
+    as ComfyUI keys its ``attn2`` replace patches."""
+    keys = []
+    stages = (
+        ("input", diffusion_model.input_blocks),
+        ("middle", [diffusion_model.middle_block]),
+        ("output", diffusion_model.output_blocks),
+    )
+    for name, blocks in stages:
+        for number, block in enumerate(blocks):
+            if block is None:  # a UNet built without a middle block
+                continue
+            for module in block.modules():
+                for index, transformer in enumerate(getattr(module, "transformer_blocks", [])):
+                    if getattr(transformer, "attn2", None) is not None:
+                        keys.append((name, number, index))
+    return keys
+
+
+class AttentionRecorder:
+    """Computes the UNet's cross-attention explicitly and keeps each layer's
+    head-averaged probabilities ``(B, HW, T)`` with its ``(h, w)`` grid.
+
+    Installed as ComfyUI ``attn2`` replace patches (they receive the projected q, k, v).
+    Only records while ``active``: gradient checkpointing replays the forward during
+    the backward pass, and those replays must not add maps.
+    """
+
+    def __init__(self):
+        self.maps: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        self.active = False
+
+    def __call__(self, q, k, v, extra_options):
+        out, probs = attention_math.attend(q, k, v, extra_options["n_heads"])
+        if self.active:
+            shape = extra_options["activations_shape"]
+            self.maps.append((probs, (int(shape[-2]), int(shape[-1]))))
+        return out
+
+    def install(self, patcher) -> int:
+        diffusion_model = patcher.model.diffusion_model
+        if type(diffusion_model).__name__ != "UNetModel":
+            raise ValueError(
+                f"the attention regularisers need a UNet with cross-attention (SD1.x, SD2.x, SDXL); "
+                f"this model is {type(diffusion_model).__name__}: disconnect the attention input"
+            )
+        existing = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+        if existing:
+            raise ValueError(
+                "the MODEL already replaces its cross-attention (an attention-patching node is upstream); "
+                "train on the plain model, or disconnect the attention input"
+            )
+        keys = attention_blocks(diffusion_model)
+        for name, number, index in keys:
+            patcher.set_model_attn2_replace(self, name, number, index)
+        return len(keys)
+
+
+def attention_penalty(maps, rows: list[AttentionTargets | None], config: AttentionConfig) -> torch.Tensor | None:
+    """Weighted unmix + subject losses of the rows that have targets, averaged over layers."""
+    terms = []
+    for row, targets in enumerate(rows):
+        if targets is None:
+            continue
+        per_layer = []
+        for probs, grid in maps:
+            attn = probs[row]
+            value = attn.new_zeros(())
+            if targets.regions and config.unmix_weight > 0:
+                value = value + config.unmix_weight * attention_math.unmix_loss(attn, grid, targets.regions)
+            if targets.special and targets.class_positions and config.subject_weight > 0:
+                value = value + config.subject_weight * attention_math.subject_loss(
+                    attn, grid, targets.special, targets.class_positions, config.threshold
+                )
+            per_layer.append(value)
+        terms.append(torch.stack(per_layer).mean())
+    return torch.stack(terms).mean() if terms else None
 
 
 @dataclass
@@ -345,13 +462,15 @@ def train(
     gradient_checkpointing: bool = False,
     clip=None,
     captions: list[str] | None = None,
+    plan: Plan | None = None,
+    attention: AttentionConfig | None = None,
 ) -> TrainingResult:
     """Train a spectral shift on ``model`` (never modified) and return it (see :func:`_train`)."""
     # Everything trainable must be created outside ComfyUI's inference mode.
     with torch.inference_mode(False):
         return _train(
             model, positive, instance, prior, config, resume, optimizer_state, on_step, progress, architecture, metadata,
-            gradient_checkpointing, clip, captions,
+            gradient_checkpointing, clip, captions, plan, attention,
         )  # fmt: skip
 
 
@@ -370,6 +489,8 @@ def _train(
     gradient_checkpointing: bool,
     clip,
     captions: list[str] | None,
+    plan: Plan | None,
+    attention: AttentionConfig | None,
 ) -> TrainingResult:
     """Train a spectral shift on ``model`` (never modified) and return it.
 
@@ -378,6 +499,8 @@ def _train(
     every optimizer step (see :class:`StepContext`); raising there stops the run.
     With ``config.train_text_encoder``, ``clip`` (never modified either) is trained too
     and ``captions[i]`` is re-encoded with gradients for every example of caption i.
+    ``plan`` picks each micro-batch's examples (default :func:`uniform_plan`); with
+    ``attention``, examples with :class:`AttentionTargets` add the regularisers.
     """
     started = time.perf_counter()
     if not instance:
@@ -443,6 +566,10 @@ def _train(
         install_layers(patcher, layers, elementwise)
         if type(patcher.model.diffusion_model).__name__ != "UNetModel":
             install_norm_input_copies(patcher)
+        recorder = None
+        if attention is not None and attention.active():
+            recorder = AttentionRecorder()
+            recorder.install(patcher)
         if gradient_checkpointing:
             install_checkpointing(patcher)
         names = {id(layer.delta): key for key, layer in layers.items()} | {id(p): key for key, p in elementwise.items()}
@@ -465,20 +592,22 @@ def _train(
                 for ex in examples:
                     lat = inner.process_latent_in(ex.latent.to(device, torch.float32)).clone()
                     flip = None if ex.flipped is None else inner.process_latent_in(ex.flipped.to(device, torch.float32)).clone()
-                    out.append((lat, flip, ex.cond_index))
+                    out.append((lat, flip, ex.cond_index, ex.attention))
                 return out
 
             data = prepare(instance)
             prior_data = prepare(prior) if config.prior_weight > 0 else []
+            draw_plan = plan or uniform_plan(len(data), len(prior_data))
             transformer_options = extra_args["model_options"].get("transformer_options", {})
 
             def loss_fn(step, micro, generator):
-                batch = _draw(data, config.batch_size, generator, config.flip)
+                instance_rows, prior_rows = draw_plan(generator, config.batch_size)
+                batch = _pick(data, instance_rows, generator, config.flip)
                 parts = [batch]
                 if prior_data:
-                    parts.append(_draw(prior_data, config.batch_size, generator, False))
-                x0 = torch.cat([lat for part in parts for lat, _ in part])
-                cond_idx = [i for part in parts for _, i in part]
+                    parts.append(_pick(prior_data, prior_rows, generator, False))
+                x0 = torch.cat([lat for part in parts for lat, _, _ in part])
+                cond_idx = [i for part in parts for _, i, _ in part]
                 noise = torch.randn(x0.shape, generator=generator).to(device)
                 percent = torch.rand(x0.shape[0], generator=generator)
                 sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent], device=device)
@@ -490,12 +619,24 @@ def _train(
                 options = dict(transformer_options)
                 options["cond_or_uncond"] = [0] * x0.shape[0]
                 options["sigmas"] = sigma
-                denoised = inner.apply_model(x_t, sigma, transformer_options=options, **c)
+                if recorder is not None:
+                    recorder.maps.clear()
+                    recorder.active = True
+                try:
+                    denoised = inner.apply_model(x_t, sigma, transformer_options=options, **c)
+                finally:
+                    if recorder is not None:
+                        recorder.active = False
                 per_example = native_mse(inner, x_t, sigma, denoised, x0)
                 n = len(parts[0])
                 loss = per_example[:n].mean()
                 if prior_data:
                     loss = loss + config.prior_weight * per_example[n:].mean()
+                if recorder is not None:
+                    penalty = attention_penalty(recorder.maps, [targets for _, _, targets in batch], attention)
+                    recorder.maps.clear()
+                    if penalty is not None:
+                        loss = loss + penalty
                 return loss
 
             groups = {
@@ -526,14 +667,66 @@ def _train(
     )
 
 
-def _draw(data: list, count: int, generator: torch.Generator, flip: bool) -> list:
-    """``count`` examples (with replacement across steps, without within a batch)."""
-    order = torch.randperm(len(data), generator=generator).tolist()
-    picked = [data[order[i % len(data)]] for i in range(count)]
+def outside_attention(
+    model, positive: list, examples: list[Example], percents=(0.25, 0.5, 0.75), seed: int = 0, relative: bool = True
+) -> list[list[float]]:
+    """How much of each subject token's attention lands outside its region.
+
+    For every example with regions, per region: the fraction of the token's attention
+    mass outside the region (:func:`attention.outside_mass`, as a fraction or, with
+    ``relative=False``, per pixel), averaged over the UNet's
+    cross-attention layers and the noise levels at ``percents`` of the schedule.
+    ``model`` is not modified.
+    """
+    patcher = model.clone()
+    recorder = AttentionRecorder()
+    recorder.install(patcher)
+    guider = _Guider(patcher)
+    guider.inner_set_conds({"positive": positive})
+    results: list[list[float]] = []
+
+    def body(model_wrap, extra_args):
+        inner = model_wrap.inner_model
+        conds = model_wrap.conds["positive"]
+        device = patcher.load_device
+        generator = torch.Generator().manual_seed(seed)
+        options = dict(extra_args["model_options"].get("transformer_options", {}))
+        for example in examples:
+            if example.attention is None or not example.attention.regions:
+                continue
+            x0 = inner.process_latent_in(example.latent.to(device, torch.float32))
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            totals = [0.0] * len(example.attention.regions)
+            for percent in percents:
+                sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(percent))], device=device)
+                x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
+                recorder.maps.clear()
+                recorder.active = True
+                with torch.no_grad():
+                    inner.apply_model(
+                        x_t, sigma, transformer_options=dict(options), **_batched_conditioning(conds, [example.cond_index], x_t, sigma)
+                    )
+                recorder.active = False
+                for i, (positions, mask) in enumerate(example.attention.regions):
+                    values = [
+                        float(attention_math.outside_mass(probs[0], grid, positions, mask, relative)) for probs, grid in recorder.maps
+                    ]
+                    totals[i] += sum(values) / len(values) / len(percents)
+            results.append(totals)
+
+    zeros = torch.zeros((1, *examples[0].latent.shape[1:]))
+    guider.sample(zeros, zeros, _RunInside(body), torch.ones(2), seed=seed)
+    return results
+
+
+def _pick(data: list, rows: list[int], generator: torch.Generator, flip: bool) -> list:
+    """The examples at ``rows`` as (latent, caption index, attention targets), each
+    mirrored with probability ½ when flips are on and it has a mirrored latent."""
     out = []
-    for lat, flipped, index in picked:
+    for row in rows:
+        lat, flipped, index, targets = data[row]
         use_flip = flip and flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
-        out.append((flipped if use_flip else lat, index))
+        out.append((flipped if use_flip else lat, index, targets))
     return out
 
 
@@ -614,3 +807,20 @@ def learning_summary(config: TrainConfig, steps: int, losses: list[float], extra
     tail = [round(x, 6) for x in losses if math.isfinite(x)]
     summary["losses"] = tail[-2000:]
     return summary
+
+
+def token_positions(clip, caption: str, word: str) -> list[int]:
+    """Positions of ``word``'s tokens in ``caption`` as the UNet's context sees them
+    (77 per chunk, start/end tokens included), every occurrence."""
+    tokens = clip.tokenize(caption)
+    key = "l" if "l" in tokens else sorted(tokens)[0]  # SDXL's two CLIP tokenizers split alike
+    flat = [int(t[0]) for chunk in tokens[key] for t in chunk]
+    piece = [int(t[0]) for t in clip.tokenize(word)[key][0]]
+    empty = [int(t[0]) for t in clip.tokenize("")[key][0]]
+    start = 1 if piece and empty and piece[0] == empty[0] and len(empty) > 1 else 0
+    end_token = empty[start] if len(empty) > start else None
+    stop = next((i for i in range(start, len(piece)) if piece[i] == end_token), len(piece))
+    positions = attention_math.find_subsequence(flat, piece[start:stop])
+    if not positions:
+        raise ValueError(f"the caption '{caption}' does not contain the word '{word}'; add it to the caption")
+    return positions

@@ -77,3 +77,30 @@ def learning_rate_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class AttentionConfig:
+    """Cross-attention regularisers (see :mod:`svdiff.training.attention`)."""
+
+    unmix_weight: float = 0.0
+    """Weight of the unmix loss on Cut-Mix-Unmix collages (paper Fig. 3b); 0 disables it."""
+    subject_weight: float = 0.0
+    """Weight of the single-subject loss of eq. 10 (appendix D.1); 0 disables it."""
+    threshold: float = 0.5
+    """The subject mask is where the class word's attention reaches this fraction of its peak."""
+    class_word: str = ""
+    """Class word of a single-subject dataset for eq. 10 ("dog"); Cut-Mix-Unmix subjects know theirs."""
+
+    def __post_init__(self) -> None:
+        for name in ("unmix_weight", "subject_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} is {value}; it must be a finite number ≥ 0 (0 disables it)")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold is {self.threshold}; use a fraction of the class word's peak attention in (0, 1), e.g. 0.5")
+        if self.unmix_weight == 0 and self.subject_weight == 0:
+            raise ValueError("both unmix_weight and subject_weight are 0; set one above 0, or disconnect the attention input")
+
+    def active(self) -> bool:
+        return self.unmix_weight > 0 or self.subject_weight > 0

@@ -52,6 +52,7 @@ def train_prompt(ckpt, folder, **overrides):
 
 
 def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, image_folder):
+    priors_before = set((comfy_handle_cache_dir() / "priors").glob("*.safetensors"))
     result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder), fresh_executor=True, timeout=900)
     assert result.success, result.error_message
     text = result.output("3")["text"][0]
@@ -67,7 +68,7 @@ def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, ima
     assert result.output("3")["images"]  # the loss curve
 
     # Prior images were generated once and cached: a second run finds them.
-    priors = list((comfy_handle_cache_dir() / "priors").glob("*.safetensors"))
+    priors = set((comfy_handle_cache_dir() / "priors").glob("*.safetensors")) - priors_before
     assert len(priors) == 1
 
     resumed = comfy_handle.run_prompt(

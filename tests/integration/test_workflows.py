@@ -80,7 +80,8 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
         sorted(
             "SVDiffApply SVDiffCombine SVDiffExportLoRA SVDiffInspect SVDiffLoadShift SVDiffLoader SVDiffSave SVDiffSelectLayers "
             "SVDiffDatasetFromFolder SVDiffDatasetFromImages SVDiffTrain "
-            "SVDiffDDIMInversion SVDiffInvertedNoise SVDiffDDIMSampler".split()
+            "SVDiffDDIMInversion SVDiffInvertedNoise SVDiffDDIMSampler "
+            "SVDiffCutMixUnmix SVDiffAttentionRegularization SVDiffNegativePriorGuider".split()
         )
     )
     assert f"IDS {expected}" in run.stdout
