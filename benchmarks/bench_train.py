@@ -48,6 +48,25 @@ def timed_steps(step, steps: int) -> list[float]:
     return times
 
 
+def optimizer_steps(patcher, optimizer, steps: int) -> list[float]:
+    """Timed training steps (forward, MSE, backward, optimizer step) of a fully loaded patcher."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    inner = patcher.model
+
+    def step(i):
+        x0, noise, context = batch(i)
+        sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(0.3 + 0.1 * (i % 5)))])
+        x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
+        out = inner.apply_model(x_t, sigma, c_crossattn=context)
+        ((out - x0) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return timed_steps(step, steps)
+
+
 def variant_c(model, steps):
     import comfy.model_management as mm
 
@@ -69,7 +88,6 @@ def variant_c(model, steps):
 
 def variant_a(model, steps):
     """ComfyUI's LoRA training setup (comfy_extras/nodes_train.py) on every weight."""
-    import comfy.model_management as mm
     from comfy_extras.nodes_train import _setup_lora_adapters
 
     from comfyui_svdiff.svdiff.comfy_training import make_autograd_ready
@@ -78,20 +96,7 @@ def variant_a(model, steps):
     make_autograd_ready(patcher.model)
     patcher.model.requires_grad_(False)
     lora_sd, _ = _setup_lora_adapters(patcher, {}, "LoRA", torch.float32, 8)
-    optimizer = torch.optim.AdamW(lora_sd.values(), lr=1e-4)
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
-    inner = patcher.model
-
-    def step(i):
-        x0, noise, context = batch(i)
-        sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(0.3 + 0.1 * (i % 5)))])
-        x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
-        out = inner.apply_model(x_t, sigma, c_crossattn=context)
-        ((out - x0) ** 2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return timed_steps(step, steps)
+    return optimizer_steps(patcher, torch.optim.AdamW(lora_sd.values(), lr=1e-4), steps)
 
 
 class _NaiveSpectral(torch.nn.Module):
@@ -113,7 +118,6 @@ class _NaiveSpectral(torch.nn.Module):
 
 
 def variant_b(model, steps):
-    import comfy.model_management as mm
 
     from comfyui_svdiff.svdiff.comfy_training import make_autograd_ready
 
@@ -125,20 +129,7 @@ def variant_b(model, steps):
             module = _NaiveSpectral(w)
             patcher.add_weight_wrapper(key, module)
             params.append(module.delta)
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
-    inner = patcher.model
-
-    def step(i):
-        x0, noise, context = batch(i)
-        sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(0.3 + 0.1 * (i % 5)))])
-        x_t = inner.model_sampling.noise_scaling(sigma, noise, x0)
-        out = inner.apply_model(x_t, sigma, c_crossattn=context)
-        ((out - x0) ** 2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return timed_steps(step, steps)
+    return optimizer_steps(patcher, torch.optim.AdamW(params, lr=1e-3), steps)
 
 
 def variant_s(model, steps, checkpointing=False):

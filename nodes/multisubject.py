@@ -113,8 +113,6 @@ class SVDiffCutMixUnmix(io.ComfyNode):
                 f"the subjects' datasets have different resolutions ({', '.join(map(str, sorted(resolutions)))}); "
                 "give every dataset node the same resolution"
             )
-        if not math.isfinite(probability) or not 0 <= probability <= 1:
-            raise ValueError(f"probability is {probability}; it must be between 0 and 1 (the paper uses 0.6)")
         subjects = [_subject(i, d, line, optional.get(f"class_{i}")) for (i, d), line in zip(connected, lines, strict=True)]
         dataset = cutmix.build_dataset(
             subjects, connected[0][1].resolution, collages, probability, layout, (split_min, split_max), prompt_templates, random_flip, seed

@@ -136,15 +136,15 @@ class SVDiffDatasetFromImages(io.ComfyNode):
 # Training
 
 
+def _encode_pixels(vae, image: torch.Tensor, flip: bool):
+    """VAE latent of an (H, W, C) image and, with ``flip``, of its mirror image."""
+    pixels = image[None, ..., :3]
+    return vae.encode(pixels), (vae.encode(torch.flip(pixels, dims=[2])) if flip else None)
+
+
 def _encode_images(vae, dataset: training_data.Dataset, flip: bool):
-    """VAE latents of each (repeated) image and, with flips, of its mirror image."""
-    examples = []
-    for item in dataset.expanded():
-        pixels = item.image[None]
-        latent = vae.encode(pixels[..., :3])
-        mirrored = vae.encode(torch.flip(pixels, dims=[2])[..., :3]) if flip else None
-        examples.append((latent, mirrored, item.caption))
-    return examples
+    """(latent, mirrored latent, caption) of each (repeated) image."""
+    return [(*_encode_pixels(vae, item.image, flip), item.caption) for item in dataset.expanded()]
 
 
 def _encode_captions(clip, captions: list[str]) -> list:
@@ -232,11 +232,6 @@ def _single_subject_examples(dataset, clip, vae, attention: AttentionConfig | No
                 class_positions=comfy_training.token_positions(clip, caption, attention.class_word),
             )
     return [(lat, mirrored, caption, targets.get(caption)) for lat, mirrored, caption in _encode_images(vae, dataset, flip)]
-
-
-def _encode_pixels(vae, image: torch.Tensor, flip: bool):
-    pixels = image[None, ..., :3]
-    return vae.encode(pixels), (vae.encode(torch.flip(pixels, dims=[2])) if flip else None)
 
 
 def _multi_subject_examples(dataset, model, clip, vae, attention, flip, prior_weight, num_class_images, seed, node_id):

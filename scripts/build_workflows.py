@@ -52,6 +52,22 @@ def train_widgets(**values):
     }
 
 
+def ksampler_widgets(seed):
+    """KSampler's widget values for a 25-step euler sample at CFG 7."""
+    return {
+        "seed": seed,
+        "control_after_generate": "fixed",
+        "steps": 25,
+        "cfg": 7.0,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 1.0,
+    }
+
+
+EMPTY_512 = {"width": 512, "height": 512, "batch_size": 1}
+
+
 def node(nid, kind, pos, widgets=None, links=None, title=None):
     return {"id": nid, "type": kind, "pos": pos, "widgets": widgets or {}, "links": links or {}, "title": title}
 
@@ -77,20 +93,12 @@ WORKFLOWS = {
             ),
             node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),
             node(5, "CLIPTextEncode", [1040, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
-            node(6, "EmptyLatentImage", [700, 420], {"width": 512, "height": 512, "batch_size": 1}),
+            node(6, "EmptyLatentImage", [700, 420], EMPTY_512),
             node(
                 7,
                 "KSampler",
                 [1400, 120],
-                {
-                    "seed": 42,
-                    "control_after_generate": "fixed",
-                    "steps": 25,
-                    "cfg": 7.0,
-                    "sampler_name": "euler",
-                    "scheduler": "normal",
-                    "denoise": 1.0,
-                },
+                ksampler_widgets(seed=42),
                 {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
             ),
             node(8, "VAEDecode", [1760, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
@@ -215,20 +223,12 @@ WORKFLOWS = {
             ),
             node(4, "CLIPTextEncode", [800, 40], {"text": "photo of a sks dog in a bucket"}, {"clip": (3, 1)}, "Positive"),
             node(5, "CLIPTextEncode", [800, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
-            node(6, "EmptyLatentImage", [800, 560], {"width": 512, "height": 512, "batch_size": 1}),
+            node(6, "EmptyLatentImage", [800, 560], EMPTY_512),
             node(
                 7,
                 "KSampler",
                 [1160, 120],
-                {
-                    "seed": 7,
-                    "control_after_generate": "fixed",
-                    "steps": 25,
-                    "cfg": 7.0,
-                    "sampler_name": "euler",
-                    "scheduler": "normal",
-                    "denoise": 1.0,
-                },
+                ksampler_widgets(seed=7),
                 {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
             ),
             node(8, "VAEDecode", [1520, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
@@ -307,7 +307,7 @@ WORKFLOWS = {
             node(17, "SaveImage", [2800, 40], {"filename_prefix": "svdiff/crown_edit_inverted"}, {"images": (16, 0)}),
             node(18, "RandomNoise", [1840, 700], {"noise_seed": 1, "control_after_generate": "fixed"}),
             node(19, "SVDiffDDIMSampler", [1840, 880], {"eta": 0.0, "s_noise": 1.0}, title="DDIM η = 0"),
-            node(20, "EmptyLatentImage", [1840, 1040], {"width": 512, "height": 512, "batch_size": 1}),
+            node(20, "EmptyLatentImage", [1840, 1040], EMPTY_512),
             node(
                 21,
                 "SamplerCustomAdvanced",
@@ -393,7 +393,7 @@ WORKFLOWS = {
             node(11, "RandomNoise", [1560, 300], {"noise_seed": 5, "control_after_generate": "fixed"}),
             node(12, "KSamplerSelect", [1560, 460], {"sampler_name": "euler"}),
             node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 30, "denoise": 1.0}, {"model": (6, 0)}),
-            node(14, "EmptyLatentImage", [1560, 760], {"width": 512, "height": 512, "batch_size": 1}),
+            node(14, "EmptyLatentImage", [1560, 760], EMPTY_512),
             node(
                 15,
                 "SamplerCustomAdvanced",
