@@ -18,12 +18,14 @@ def _make_extension():
     from comfy_api.latest import ComfyExtension
 
     from .nodes import ALL_NODES, register_model_folder
+    from .nodes.routes import register_routes
     from .svdiff import comfy_bridge
 
     class SVDiffExtension(ComfyExtension):
         async def on_load(self) -> None:
             register_model_folder()
             comfy_bridge.register()
+            register_routes()
 
         async def get_node_list(self):
             return list(ALL_NODES)

@@ -22,6 +22,7 @@ from ..svdiff.training import data as training_data
 from ..svdiff.training.config import OPTIMIZERS, AttentionConfig, TrainConfig
 from ..svdiff.training.cutmix import MultiSubjectDataset, multi_subject_plan
 from ..svdiff.training.subsets import CUSTOM, SUBSETS
+from . import routes
 from .common import (
     CATEGORY,
     SHIFT_FOLDER,
@@ -505,6 +506,8 @@ class SVDiffTrain(io.ComfyNode):
         }
         metadata = {"svdiff.trigger_words": trigger} if trigger else {}
         bar = comfy.utils.ProgressBar(steps, node_id=node_id)
+        stream = routes.LossStream(node_id, steps)
+        stream.start()
         losses_seen: list[float] = []
         saved: list[str] = []
         started = time.perf_counter()
@@ -518,6 +521,7 @@ class SVDiffTrain(io.ComfyNode):
 
         def on_step(step, loss, context):
             losses_seen.append(loss)
+            stream.add(step, loss)
             latest.update(step=step, context=context)
             comfy.model_management.throw_exception_if_processing_interrupted()
             image = preview(context, step) if preview is not None and step % preview_every == 0 else None
@@ -542,8 +546,10 @@ class SVDiffTrain(io.ComfyNode):
                 log.warning("SVDiff: training cancelled at step %d; saved %s", latest["step"], path.name)
             raise
         finally:
+            stream.flush(latest.get("step", 0))
             comfy.model_management.unload_all_models()  # restores the shared module (object patches, wrappers)
 
+        stream.done(result.steps)
         shift = finish_metadata(result.shift, result.steps, result.losses)
         path = _save(shift, filename_prefix, result.optimizer_state)
         new_model, new_clip, _ = apply_shift(model, clip, shift, 1.0, 1.0)
@@ -556,8 +562,15 @@ class SVDiffTrain(io.ComfyNode):
         )
         log.info("SVDiff %s", text)
         loss_map = {"loss": list(result.losses)}
+        # The node's curve after the run (and after a page reload, from /history).
+        curve_ui = {"svdiff_loss": [routes.finite_or_none(x) for x in result.losses[-routes.MAX_UI_LOSSES :]]}
         return io.NodeOutput(
-            new_model, new_clip, shift, loss_map, curve_tensor, ui={"text": (text,), **ui.PreviewImage(curve_tensor, cls=cls).as_dict()}
+            new_model,
+            new_clip,
+            shift,
+            loss_map,
+            curve_tensor,
+            ui={"text": (text,), **curve_ui},  # the curve is drawn on the node by web/svdiff.js
         )
 
 

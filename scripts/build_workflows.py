@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,7 +451,12 @@ def build(spec: dict, info: dict) -> dict:
                 values.append(n["widgets"][name])
             elif kind == "control":
                 values.append(n["widgets"].get("control_after_generate", "fixed"))
+            elif kind == "upload":
+                values.append("image")  # the upload button's value, as frontend 1.35.9 saves it
+            else:
+                raise SystemExit(f"{n['type']} #{n['id']}: widget kind '{kind}' of '{name}' is not supported by this builder")
         pending.append((n, definition, inputs, values))
+    positions, sizes = layout(spec, info)
     for order, (n, definition, inputs, values) in enumerate(pending):
         outs = [
             {"name": definition["output_name"][i], "type": t, "links": outputs.get((n["id"], i), []), "slot_index": i}
@@ -459,8 +465,8 @@ def build(spec: dict, info: dict) -> dict:
         entry = {
             "id": n["id"],
             "type": n["type"],
-            "pos": n["pos"],
-            "size": [320, 60 + 26 * (len(values) + max(len(inputs), len(outs)))],
+            "pos": positions[n["id"]],
+            "size": sizes[n["id"]],
             "flags": {},
             "order": order,
             "mode": 0,
@@ -473,7 +479,7 @@ def build(spec: dict, info: dict) -> dict:
             entry["title"] = n["title"]
         nodes.append(entry)
     return {
-        "id": spec["title"].lower().replace(" ", "-")[:36],
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-svdiff/workflows/" + spec["title"])),  # the frontend's schema wants a UUID
         "revision": 0,
         "last_node_id": max(n["id"] for n in spec["nodes"]),
         "last_link_id": link_id,
@@ -484,6 +490,63 @@ def build(spec: dict, info: dict) -> dict:
         "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "svdiff_title": spec["title"]},
         "version": 0.4,
     }
+
+
+# Extra height of what a node draws below its widgets (frontend 1.35.9): a multiline
+# text box, this extension's panels (web/svdiff.js), an image preview.
+PANEL_HEIGHT = {"SVDiffTrain": 190, "SVDiffLoader": 170, "SVDiffLoadShift": 170}
+PREVIEW_HEIGHT = {"SaveImage": 260, "PreviewImage": 260, "LoadImage": 260, "SVDiffInspect": 220, "SVDiffCutMixUnmix": 200}
+MULTILINE_HEIGHT = 110
+COLUMN_GAP, ROW_GAP = 70, 40
+
+
+def _multiline(definition: dict, name: str) -> bool:
+    for section in ("required", "optional"):
+        spec = (definition["input"].get(section) or {}).get(name)
+        if spec is not None and len(spec) > 1 and isinstance(spec[1], dict):
+            return bool(spec[1].get("multiline"))
+    return False
+
+
+def node_size(n: dict, definition: dict) -> list[int]:
+    """A size at least as large as the frontend computes for the node (checked in the browser test)."""
+    from support.comfy_env import widget_slots
+
+    all_widgets = {name for name, _ in widget_slots(definition)}
+    widgets = [(name, kind) for name, kind in widget_slots(definition) if name not in n["links"]]
+    sockets = [name for section in ("required", "optional") for name in (definition["input"].get(section) or {}) if name not in all_widgets]
+    slots = max(len(sockets), len(definition["output"]), 1)
+    multiline = sum(1 for name, kind in widgets if kind == "value" and _multiline(definition, name))
+    height = 40 + 22 * slots + 26 * len(widgets) + MULTILINE_HEIGHT * multiline
+    height += PANEL_HEIGHT.get(n["type"], 0) + PREVIEW_HEIGHT.get(n["type"], 0)
+    wide = multiline or n["type"] in PANEL_HEIGHT or n["type"] in PREVIEW_HEIGHT
+    return [400 if wide else 340, height]
+
+
+def layout(spec: dict, info: dict) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Columns by distance from the sources, nodes stacked in each column in the order
+    their spec positions give (top to bottom), so nothing overlaps whatever the sizes."""
+    by_id = {n["id"]: n for n in spec["nodes"]}
+    depth: dict[int, int] = {}
+
+    def depth_of(nid: int) -> int:
+        if nid not in depth:
+            sources = [source for source, _ in by_id[nid]["links"].values()]
+            depth[nid] = 1 + max(map(depth_of, sources)) if sources else 0
+        return depth[nid]
+
+    sizes = {n["id"]: node_size(n, info[n["type"]]) for n in spec["nodes"]}
+    columns: dict[int, list[dict]] = {}
+    for n in spec["nodes"]:
+        columns.setdefault(depth_of(n["id"]), []).append(n)
+    positions, x = {}, 20
+    for column in sorted(columns):
+        y = 40
+        for n in sorted(columns[column], key=lambda n: (n["pos"][1], n["pos"][0])):
+            positions[n["id"]] = [x, y]
+            y += sizes[n["id"]][1] + ROW_GAP
+        x += max(sizes[n["id"]][0] for n in columns[column]) + COLUMN_GAP
+    return positions, sizes
 
 
 def _input_type(definition: dict, name: str) -> str:

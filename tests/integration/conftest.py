@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from support import tiny_models
 from support.comfy_env import find_comfyui, setup_comfyui
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +56,46 @@ def tiny_checkpoint(comfy_handle):
     if not path.exists():
         tiny_models.write_tiny_checkpoint(path, arch="SD15", seed=0)
     return path.name
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, comfy_handle, tiny_checkpoint):
+    """A real ComfyUI server process (127.0.0.1, temporary base directory) with this
+    checkout linked into its custom_nodes/ and the tiny checkpoint in its models/."""
+    from support.browser import prepare_user_dir
+    from support.server import ComfyServer, copy_or_link
+
+    base = tmp_path_factory.mktemp("server-base")
+    server = ComfyServer(find_comfyui(), base)
+    prepare_user_dir(base)
+    copy_or_link(comfy_handle.model_dir("checkpoints") / tiny_checkpoint, server.models("checkpoints") / tiny_checkpoint)
+    server.start(env={"SVDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("server-svdiff-cache"))})
+    sys.__stderr__.write(f"\n[comfy_server] ComfyUI started at {server.url} in {server.startup_seconds:.1f} s\n")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def server_object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="session")
+def server_shifts(comfy_server, comfy_handle, tiny_checkpoint):
+    """A shift made for the tiny SD15 checkpoint, one made for a tiny SDXL model, a broken file."""
+    import comfy.sd
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_workflow
+
+    folder = comfy_server.models("spectral_shifts") / "info"
+    folder.mkdir(parents=True, exist_ok=True)
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(comfy_handle.model_dir("checkpoints") / tiny_checkpoint), output_vae=False, output_clipvision=False
+    )
+    run_workflow.write_demo_shift(folder / "sd15.safetensors", model, clip, seed=1)
+    xl_model, xl_clip = tiny_models.build_model("SDXL", seed=0)
+    run_workflow.write_demo_shift(folder / "sdxl.safetensors", xl_model, xl_clip, seed=2)
+    (folder / "broken.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1')
+    (comfy_server.base_dir / "secret.safetensors").write_bytes(b"not for the route")
+    return {"sd15": "info/sd15.safetensors", "sdxl": "info/sdxl.safetensors", "broken": "info/broken.safetensors"}

@@ -51,7 +51,12 @@ def train_prompt(ckpt, folder, **overrides):
     }
 
 
-def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, image_folder):
+def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, image_folder, monkeypatch):
+    # The loss stream goes to ComfyUI's PromptServer.instance; in this in-process ComfyUI
+    # that is the recording server (the real server is covered by test_browser.py).
+    from comfyui_svdiff.nodes import routes
+
+    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
     priors_before = set((comfy_handle_cache_dir() / "priors").glob("*.safetensors"))
     result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder), fresh_executor=True, timeout=900)
     assert result.success, result.error_message
@@ -65,7 +70,13 @@ def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, ima
     assert len(summary["losses"]) == 3 and saved.metadata["svdiff.trigger_words"] == "sks"
     assert all(".attn2.to_k." in k or ".attn2.to_v." in k for k in saved.tensors)
     assert saved.base_hashes and len(saved.base_hashes) == len(saved.tensors)
-    assert result.output("3")["images"]  # the loss curve
+    # The live curve's messages carry every step's loss once, in order, for node "3";
+    # the node's output keeps the whole curve for the browser after the run.
+    stream = [m.data for m in result.events("svdiff.train")]
+    assert [m["event"] for m in (stream[0], stream[-1])] == ["start", "done"] and {m["node"] for m in stream} == {"3"}
+    streamed = [x for m in stream if m["event"] == "losses" for x in m["losses"]]
+    assert streamed == pytest.approx(summary["losses"], abs=1e-6)
+    assert result.output("3")["svdiff_loss"] == pytest.approx(summary["losses"], abs=1e-6)
 
     # Prior images were generated once and cached: a second run finds them.
     priors = set((comfy_handle_cache_dir() / "priors").glob("*.safetensors")) - priors_before
