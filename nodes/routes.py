@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from functools import lru_cache
 
@@ -74,8 +75,6 @@ def _describe_cached(path: str, mtime: float, size: int):
 
 
 def _stat_key(path: str) -> tuple[str, float, int]:
-    import os
-
     stat = os.stat(path)
     return path, stat.st_mtime, stat.st_size
 
@@ -171,10 +170,9 @@ class LossStream:
         except Exception as exc:  # a closed socket must not stop training
             log.debug("SVDiff: loss message not sent: %s", exc)
 
-    def start(self, first_step: int = 1) -> None:
-        self.first_step = first_step
+    def start(self) -> None:
         self.pending = []
-        self._send(event="start", step=first_step - 1, first_step=first_step, losses=[])
+        self._send(event="start", step=0, first_step=1, losses=[])
 
     def add(self, step: int, loss: float) -> None:
         if not self.pending:

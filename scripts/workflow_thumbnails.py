@@ -66,14 +66,7 @@ def main() -> int:
                     page.page.wait_for_timeout(400)
                     page.command("Comfy.Canvas.FitView")
                     page.page.wait_for_timeout(1500)  # the info panels ask the server
-                    box = page.graph_bounds()
-                    clip = {
-                        "x": max(0, box["x"] - MARGIN),
-                        "y": max(0, box["y"] - MARGIN),
-                        "width": box["width"] + 2 * MARGIN,
-                        "height": box["height"] + 2 * MARGIN,
-                    }
-                    picture = Image.open(io.BytesIO(page.page.screenshot(clip=clip))).convert("RGB")
+                    picture = Image.open(io.BytesIO(page.screenshot(None, margin=MARGIN))).convert("RGB")
                     if picture.width > MAX_WIDTH:
                         picture = picture.resize((MAX_WIDTH, round(picture.height * MAX_WIDTH / picture.width)), Image.LANCZOS)
                     target = path.with_suffix(".jpg")

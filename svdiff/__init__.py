@@ -4,7 +4,7 @@ Pure torch + safetensors; nothing here imports ComfyUI except
 :mod:`svdiff.comfy_bridge`, which the functions that need it import lazily.
 """
 
-from .fileformat import ShiftFileError, describe_file, read_shift, write_shift
+from .fileformat import ShiftFileError, read_shift, write_shift
 from .shift import SpectralShift, combine, parse_key, select
 from .spectral import Decomposition, decompose, spectral_update
 from .targets import ShiftMismatchError, resolve
@@ -16,7 +16,6 @@ __all__ = [
     "SpectralShift",
     "combine",
     "decompose",
-    "describe_file",
     "parse_key",
     "read_shift",
     "resolve",

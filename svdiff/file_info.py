@@ -79,10 +79,6 @@ def summary(shift: SpectralShift, path: Path) -> dict:
     blocks = list(dict.fromkeys(group_of(k) for k in shift.tensors))
     triggers = training.get("trigger_words") or [w.strip() for w in shift.metadata.get("svdiff.trigger_words", "").split(",") if w.strip()]
     losses = [float(x) for x in training.get("losses", []) if isinstance(x, (int, float))]
-    try:
-        history = json.loads(shift.metadata.get("svdiff.history", "[]"))
-    except json.JSONDecodeError:
-        history = []
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
@@ -98,7 +94,7 @@ def summary(shift: SpectralShift, path: Path) -> dict:
         "values": shift.num_values(),
         "blocks": blocks,
         "losses": _downsample(losses, MAX_LOSS_POINTS),
-        "history": [str(h) for h in history][-5:] if isinstance(history, list) else [],
+        "history": shift.history()[-5:],
         "description": shift.metadata.get("svdiff.description", ""),
     }
 

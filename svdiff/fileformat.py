@@ -12,7 +12,6 @@ sibling ``spectral_shifts_te.safetensors`` for the text encoder).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import struct
@@ -330,28 +329,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def describe_file(path: str | os.PathLike) -> dict:
-    """Header-only summary (no tensor data read): for the UI's file-info panel."""
-    path = Path(path)
-    metadata, keys = _read_header(path)
-    spectral = sum(1 for k in keys if k.endswith(SPECTRAL_SUFFIX))
-    training = {}
-    if metadata.get("svdiff.training"):
-        try:
-            training = json.loads(metadata["svdiff.training"])
-        except json.JSONDecodeError:
-            training = {}
-    return {
-        "file": path.name,
-        "bytes": path.stat().st_size,
-        "format": metadata.get("svdiff.format", "svdiff-pytorch" if keys and all(k.endswith(".delta") for k in keys) else "?"),
-        "architecture": metadata.get("svdiff.architecture", "unknown"),
-        "base_fingerprint": metadata.get("svdiff.base_fingerprint", "unknown"),
-        "tensors": len(keys),
-        "spectral_layers": spectral,
-        "elementwise": len(keys) - spectral,
-        "text_encoder": any(k.startswith("text_encoders.") for k in keys),
-        "training": training if isinstance(training, dict) else {},
-    }

@@ -101,13 +101,9 @@ def describe(shift: SpectralShift, other: SpectralShift | None = None) -> str:
     training = shift.training_summary()
     if training:
         lines.append("training: " + json.dumps(training, ensure_ascii=False)[:600])
-    history = shift.metadata.get("svdiff.history")
+    history = shift.history()
     if history:
-        try:
-            steps = json.loads(history)
-            lines.append("history: " + " → ".join(str(s) for s in steps[-5:]))
-        except json.JSONDecodeError:
-            pass
+        lines.append("history: " + " → ".join(history[-5:]))
     if other is not None:
         cosines = cosine_by_layer(shift, other)
         if cosines:

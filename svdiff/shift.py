@@ -127,6 +127,10 @@ class SpectralShift:
             return {}
         return value if isinstance(value, dict) else {}
 
+    def history(self) -> list[str]:
+        """The operations that made this shift (``svdiff.history``), oldest first."""
+        return _history(self.metadata)
+
     def with_tensors(self, tensors: dict[str, torch.Tensor], operation: str) -> SpectralShift:
         """A new shift with other tensors, the same metadata and an entry in its history."""
         metadata = dict(self.metadata)

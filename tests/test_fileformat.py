@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_svdiff.svdiff import fileformat
 from comfyui_svdiff.svdiff.diffusers_names import unet_module_to_ldm
 from comfyui_svdiff.svdiff.fileformat import ShiftFileError, read_shift, write_shift
 from comfyui_svdiff.svdiff.shift import SpectralShift
@@ -261,14 +260,6 @@ def test_svdiff_pytorch_import_unet_only(tmp_path):
     write_svdiff_pytorch_checkpoint(tmp_path / "cat", with_te=False)
     shift = read_shift(tmp_path / "cat" / "spectral_shifts.safetensors")
     assert not any(k.startswith("text_encoders.") for k in shift.tensors)
-
-
-def test_describe_file_reads_only_the_header(tmp_path):
-    path = write_shift(tmp_path / "d.safetensors", sample_shift())
-    info = fileformat.describe_file(path)
-    assert info["architecture"] == "SD15"
-    assert info["spectral_layers"] == 3 and info["elementwise"] == 2 and info["text_encoder"]
-    assert info["training"]["steps"] == 500
 
 
 def test_core_imports_without_comfyui():

@@ -167,7 +167,7 @@ def test_training_draws_a_live_loss_curve(open_page, comfy_server, server_object
     assert drawn == pytest.approx(reported, abs=1e-6)
     assert page.page.evaluate(f"() => {CHART}.dataset.points") == str(TRAIN_STEPS)
     page.center_on("SVDiffTrain")
-    page.node_screenshot("SVDiffTrain", ARTIFACTS / "loss_curve_on_node.png")
+    page.screenshot(ARTIFACTS / "loss_curve_on_node.png", "SVDiffTrain")
     page.page.screenshot(path=str(ARTIFACTS / "training_done.png"))
     assert page.console_errors() == []
 
@@ -193,7 +193,7 @@ def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_pag
     assert (fits["architecture"], fits["fit"], fits["checkpointArchitecture"]) == ("SD15", "fits", "SD15"), fits
     assert f"fit {tiny_checkpoint}" in fits["text"]
     page.center_on("SVDiffLoader")
-    page.node_screenshot("SVDiffLoader", ARTIFACTS / "shift_info_fits.png")
+    page.screenshot(ARTIFACTS / "shift_info_fits.png", "SVDiffLoader")
 
     page.page.wait_for_timeout(300)
     other = choose(server_shifts["sdxl"], "ok")
@@ -202,7 +202,7 @@ def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_pag
     assert (other["architecture"], other["fit"], other["checkpointArchitecture"]) == ("SDXL", "does_not_fit", "SD15"), other
     assert "made for SDXL, the model is SD15" in other["text"]
     page.center_on("SVDiffLoader")
-    page.node_screenshot("SVDiffLoader", ARTIFACTS / "shift_info_does_not_fit.png")
+    page.screenshot(ARTIFACTS / "shift_info_does_not_fit.png", "SVDiffLoader")
 
     broken = choose(server_shifts["broken"], "error")
     assert "get the file again" in broken["text"]

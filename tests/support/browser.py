@@ -101,41 +101,34 @@ class ComfyPage:
             [node_type, values],
         )
 
-    def graph_bounds(self) -> dict:
-        """The screen rectangle around all nodes (title bars included)."""
+    def bounds(self, node_type: str | None = None) -> dict:
+        """The screen rectangle around all nodes, or the first node of ``node_type`` (title bars included)."""
         return self.page.evaluate(
-            """() => {
-                const ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect();
+            """(type) => {
+                const all = app.graph.nodes ?? app.graph._nodes;
+                const nodes = type ? [all.find((n) => n.type === type)] : all;
+                const ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect(), title = LiteGraph.NODE_TITLE_HEIGHT;
                 let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-                for (const n of (app.graph.nodes ?? app.graph._nodes)) {
-                    const title = LiteGraph.NODE_TITLE_HEIGHT;
+                for (const n of nodes) {
                     x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
                     x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
                 }
                 const s = ds.scale, ox = ds.offset[0], oy = ds.offset[1];
                 return { x: rect.left + (x0 + ox) * s, y: rect.top + (y0 + oy) * s, width: (x1 - x0) * s, height: (y1 - y0) * s };
-            }"""
-        )
-
-    def node_screenshot(self, node_type: str, path, margin: int = 12) -> None:
-        """A picture of the first node of ``node_type`` as drawn on the canvas."""
-        box = self.page.evaluate(
-            """(type) => {
-                const n = (app.graph.nodes ?? app.graph._nodes).find((n) => n.type === type);
-                const ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect(), s = ds.scale;
-                const title = LiteGraph.NODE_TITLE_HEIGHT;
-                return { x: rect.left + (n.pos[0] + ds.offset[0]) * s, y: rect.top + (n.pos[1] - title + ds.offset[1]) * s,
-                         width: n.size[0] * s, height: (n.size[1] + title) * s };
             }""",
             node_type,
         )
+
+    def screenshot(self, path, node_type: str | None = None, margin: int = 12) -> bytes:
+        """A picture of the graph, or of the first node of ``node_type``, as drawn on the canvas."""
+        box = self.bounds(node_type)
         clip = {
             "x": max(0, box["x"] - margin),
             "y": max(0, box["y"] - margin),
             "width": box["width"] + 2 * margin,
             "height": box["height"] + 2 * margin,
         }
-        self.page.screenshot(path=str(path), clip=clip)
+        return self.page.screenshot(path=str(path) if path else None, clip=clip)
 
     def center_on(self, node_type: str, scale: float = 1.0) -> None:
         """Zoom to ``scale`` with the node in the top-left part of the view."""
