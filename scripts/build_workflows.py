@@ -25,6 +25,7 @@ NEGATIVE = "blurry, low quality, watermark"
 CROWN = "photo of a crown with a blue diamond and a golden eagle on it"
 EDIT = "photo of a crown with a blue diamond on it"
 PAIR = "photo of a sks dog sitting beside a zwx sculpture"
+PETS = "photo of a embedding:cd_sks_dog dog and a embedding:demo_kv_cat cat on a sofa"
 CUT_MIX_TEMPLATES = "photo of a {left} on the left and a {right} on the right\nphoto of a {a} and a {b}"
 DEMO_FOLDER = {"resolution": 512, "caption_extension": ".txt"}
 
@@ -322,6 +323,78 @@ WORKFLOWS = {
             node(24, "PreviewImage", [740, 860], {}, {"images": (5, 4)}, "Loss curve"),
         ],
     },
+    "svdiff_custom_diffusion": {
+        "title": "Custom Diffusion: train K/V weights and a modifier token, merge with a second concept in closed form, sample both",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "SVDiffDatasetFromFolder",
+                [20, 380],
+                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+            ),
+            node(
+                3,
+                "SVDiffTrainCustomDiffusion",
+                [400, 120],
+                {
+                    "deltas": "K/V weights (Custom Diffusion)",
+                    "steps": 250,
+                    "learning_rate": 1e-5,
+                    "learning_rate_spectral": 1e-3,
+                    "modifier_token": "sks",
+                    "initializer_token": "42170",
+                    "learning_rate_token": 1e-5,
+                    "augmentation": "auto",
+                    "augment_variants": 8,
+                    "prior_weight": 1.0,
+                    "class_prompt": "photo of a dog",
+                    "num_class_images": 20,
+                    "batch_size": 1,
+                    "random_flip": True,
+                    "seed": 0,
+                    "filename_prefix": "cd_sks_dog",
+                    "overwrite": True,
+                },
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
+                "Train the dog (K/V + token; overwrite on: reruns replace cd_sks_dog)",
+            ),
+            node(4, "SVDiffLoadKVDeltas", [400, 900], {"deltas_name": "demo_kv_cat.safetensors"}, title="A second concept (K/V deltas)"),
+            node(
+                5,
+                "SVDiffConcept",
+                [800, 120],
+                {"token": "embedding:cd_sks_dog", "class_word": "dog", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"deltas": (3, 2)},
+            ),
+            node(
+                6,
+                "SVDiffConcept",
+                [1200, 120],
+                {"token": "embedding:demo_kv_cat", "class_word": "cat", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"deltas": (4, 0), "concepts": (5, 0)},
+            ),
+            node(
+                7,
+                "SVDiffMergeConcepts",
+                [1600, 120],
+                {"builtin_captions": True, "extra_captions": "", "filename_prefix": ""},
+                {"model": (1, 0), "clip": (1, 1), "concepts": (6, 0)},
+            ),
+            node(8, "CLIPTextEncode", [1600, 560], {"text": PETS}, {"clip": (1, 1)}, "Positive"),
+            node(9, "CLIPTextEncode", [1600, 820], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative"),
+            node(10, "EmptyLatentImage", [1600, 1080], EMPTY_512),
+            node(
+                11,
+                "KSampler",
+                [2000, 120],
+                ksampler_widgets(seed=7),
+                {"model": (7, 0), "positive": (8, 0), "negative": (9, 0), "latent_image": (10, 0)},
+            ),
+            node(12, "VAEDecode", [2400, 120], {}, {"samples": (11, 0), "vae": (1, 2)}),
+            node(13, "SaveImage", [2700, 120], {"filename_prefix": "svdiff/dog_and_cat_merged"}, {"images": (12, 0)}),
+        ],
+    },
     "svdiff_multi_subject": {
         "title": "Learn two subjects together with Cut-Mix-Unmix, then sample them side by side",
         "nodes": [
@@ -494,7 +567,7 @@ def build(spec: dict, info: dict) -> dict:
 
 # Extra height of what a node draws below its widgets (frontend 1.35.9): a multiline
 # text box, this extension's panels (web/svdiff.js), an image preview.
-PANEL_HEIGHT = {"SVDiffTrain": 190, "SVDiffLoader": 170, "SVDiffLoadShift": 170}
+PANEL_HEIGHT = {"SVDiffTrain": 190, "SVDiffTrainCustomDiffusion": 190, "SVDiffLoader": 170, "SVDiffLoadShift": 170}
 PREVIEW_HEIGHT = {"SaveImage": 260, "PreviewImage": 260, "LoadImage": 260, "SVDiffInspect": 220, "SVDiffCutMixUnmix": 200}
 MULTILINE_HEIGHT = 110
 COLUMN_GAP, ROW_GAP = 70, 40

@@ -92,6 +92,38 @@ def write_demo_lora(path: Path, model, clip, seed: int) -> None:
     save_file({k: v.contiguous() for k, v in lora.items()}, str(path), metadata={"svdiff.description": "demo LoRA (random)"})
 
 
+def write_demo_kv(path: Path, embedding_path: Path, model, clip, seed: int) -> None:
+    """Random Custom Diffusion K/V deltas (.diff keys) and a modifier-token embedding of the same name.
+
+    Stand-ins for a trained concept so the merge workflow runs without downloads.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_svdiff.svdiff.fileformat import write_shift
+    from comfyui_svdiff.svdiff.shift import SpectralShift
+
+    g = torch.Generator().manual_seed(seed)
+    state = model.model.state_dict()
+    tensors = {}
+    for key, w in state.items():
+        if key.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")):
+            tensors[key[: -len(".weight")] + ".diff"] = 0.05 * float(w.float().std()) * torch.randn(w.shape, generator=g)
+    meta = {
+        "svdiff.architecture": type(model.model.model_config).__name__,
+        "svdiff.description": "demo: random K/V deltas written by scripts/run_workflow.py, not a trained concept",
+    }
+    write_shift(path, SpectralShift(tensors, meta, name=path.stem), precision="fp16")
+    vectors = {}
+    for name in ("clip_l", "clip_g"):
+        encoder = getattr(clip.cond_stage_model, name, None)
+        if encoder is not None:
+            table = encoder.transformer.get_input_embeddings().weight
+            vectors[name] = table[int(torch.randint(1000, 40000, (1,), generator=g))].float()[None].clone()
+    embedding_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(vectors, str(embedding_path), metadata={"svdiff.description": "demo modifier token (random)"})
+
+
 DEMO_SUBJECTS = {"sks_dog": ((120, 72, 30), 0), "zwx_sculpture": ((40, 40, 40), 1)}
 
 

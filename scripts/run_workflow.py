@@ -21,7 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from headless import ROOT, start_comfy, tiny_checkpoint, write_demo_images, write_demo_lora, write_demo_photo, write_demo_shift
+from headless import (
+    ROOT,
+    start_comfy,
+    tiny_checkpoint,
+    write_demo_images,
+    write_demo_kv,
+    write_demo_lora,
+    write_demo_photo,
+    write_demo_shift,
+)
 
 DEFAULT_WORKFLOW = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
 FILE_INPUTS = {
@@ -29,6 +38,7 @@ FILE_INPUTS = {
     "SVDiffLoadShift": ("shift_name", "spectral_shifts"),
     "LoraLoader": ("lora_name", "loras"),
     "LoraLoaderModelOnly": ("lora_name", "loras"),
+    "SVDiffLoadKVDeltas": ("deltas_name", "loras"),
 }
 
 
@@ -92,6 +102,12 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
             inputs["resolution"] = size
         if training and entry["class_type"] == "SVDiffCutMixUnmix":
             inputs["collages"] = min(inputs["collages"], 4)
+        if training and entry["class_type"] == "SVDiffTrainCustomDiffusion":
+            inputs.update(
+                steps=2 * (steps or 4),
+                num_class_images=min(inputs.get("num_class_images", 0), 2),
+                augment_variants=min(inputs["augment_variants"], 2),
+            )
         if training and entry["class_type"] == "SVDiffTrain":  # seconds, not hours
             inputs.update(
                 steps=2 * (steps or 4), num_class_images=min(inputs.get("num_class_images", 0), 2), save_every=0, preview_every=steps or 4
@@ -124,15 +140,17 @@ def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
         if isinstance(filename, str) and not (handle.model_dir(folder) / filename).exists():
             if not Path(filename).name.startswith("demo_"):
                 raise SystemExit(f"{entry['class_type']}: '{filename}' is not in {handle.model_dir(folder)}; put it there and run again")
-            needed.append((folder, filename))
+            needed.append((folder, filename, entry["class_type"]))
     if not needed:
         return
     import comfy.sd
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clipvision=False)
-    for seed, (folder, filename) in enumerate(sorted(set(needed)), start=1):
+    for seed, (folder, filename, kind) in enumerate(sorted(set(needed)), start=1):
         path = handle.model_dir(folder) / filename
-        if folder == "spectral_shifts":
+        if kind == "SVDiffLoadKVDeltas":
+            write_demo_kv(path, handle.model_dir("embeddings") / filename, model, clip, seed)
+        elif folder == "spectral_shifts":
             write_demo_shift(path, model, clip, seed)
         else:
             write_demo_lora(path, model, clip, seed)

@@ -264,6 +264,7 @@ class Example:
     cond_index: int
     flipped: torch.Tensor | None = None  # latent of the mirrored image, if flips are on
     attention: AttentionTargets | None = None
+    mask: torch.Tensor | None = None  # (H, W) latent-resolution loss mask (augmentation), None = all
 
 
 Plan = Callable[[torch.Generator, int], tuple[list[int], list[int]]]
@@ -379,6 +380,8 @@ class TrainingResult:
     parameters: int
     layers: int
     notes: list[str] = field(default_factory=list)
+    embedding: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The modifier token's trained vectors as a ComfyUI embedding: ``{"clip_l": (1, d), …}``."""
 
 
 @dataclass
@@ -436,15 +439,24 @@ class _RunInside(comfy.samplers.Sampler):
         return latent_image
 
 
-def native_mse(model, x_t: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Per-example MSE of the native prediction (see module docstring)."""
+def native_mse(
+    model, x_t: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-example MSE of the native prediction (see module docstring).
+
+    ``weight`` ``(B, 1, H, W)`` masks the loss: the mean over the positions where it is 1.
+    """
     sampling = model.model_sampling
     with torch.no_grad():
         a = sampling.calculate_denoised(sigma, torch.zeros_like(x_t), x_t)
         b = sampling.calculate_denoised(sigma, torch.ones_like(x_t), x_t) - a
     prediction = (denoised - a) / b
     target = (x0 - a) / b
-    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+    error = (prediction - target) ** 2
+    if weight is None:
+        return error.flatten(1).mean(dim=1)
+    weight = weight.to(error.dtype).expand_as(error)
+    return (error * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp_min(1.0)
 
 
 def train(
@@ -506,7 +518,12 @@ def _train(
     if not instance:
         raise ValueError("the dataset is empty: give at least one image")
     shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
-    keys = select_parameters(shapes, config.subset, config.patterns)
+    if config.method == "full":
+        keys = select_parameters(shapes, "UNet-CA-KV")
+        if not keys:
+            raise ValueError("full K/V training needs cross-attention (attn2.to_k / to_v) layers; this model has none")
+    else:
+        keys = select_parameters(shapes, config.subset, config.patterns)
     if not keys:
         raise ValueError(f"the layer subset '{config.subset}' with patterns '{config.patterns}' matches no weight of this model")
     patched = [k for k in keys if model.patches.get(k)]
@@ -522,7 +539,7 @@ def _train(
     elementwise: dict[str, torch.nn.Parameter] = {}
     base_hashes: dict[str, str] = {}
     base = None
-    spectral_keys = [k for k in keys if len(shapes[k]) >= 2]
+    spectral_keys = [k for k in keys if len(shapes[k]) >= 2] if config.method == "spectral" else []
     for i, key in enumerate(spectral_keys):
         base, convert = key_patches[key][0]
         base = convert(base, inplace=False)
@@ -540,15 +557,22 @@ def _train(
             if resume is not None and (key[: -len(".weight")] + ".diff") in resume.tensors:
                 start = resume.tensors[key[: -len(".weight")] + ".diff"].float().clone()
             elementwise[key] = torch.nn.Parameter(start)
+    full: dict[str, torch.nn.Parameter] = {}
+    if config.method == "full":
+        for key in keys:
+            base, convert = key_patches[key][0]
+            base_hashes[key] = content_hash(convert(base, inplace=False))[:HASH_CHARS]
+            full[key] = torch.nn.Parameter(torch.zeros(shapes[key], dtype=torch.float32))
     text_layers: dict[str, ShiftedLayer] = {}
     if config.train_text_encoder:
         text_layers = _text_encoder_layers(clip, captions, config, base_hashes, cache, resume)
+    modifier = ModifierToken(clip, config.modifier_token, config.initializer_token, captions) if config.modifier_token else None
     # Drop every reference to the weights before they are replaced by autograd-ready
     # copies, or the old ones would stay alive and double the model's memory.
     del key_patches, base
 
     patcher = model.clone()
-    text_clip = clip.clone() if text_layers else None
+    text_clip = clip.clone() if text_layers or modifier is not None else None
     comfy.model_management.unload_all_models()
     with torch.inference_mode(False):
         make_autograd_ready(patcher.model)
@@ -558,12 +582,18 @@ def _train(
                 layer.to(text_clip.patcher.load_device)
             install_layers(text_clip.patcher, text_layers, {})
             install_norm_input_copies(text_clip.patcher, root="")
-            tokens = [text_clip.tokenize(caption) for caption in captions]
+            if modifier is not None:
+                modifier.to(text_clip.patcher.load_device)
+                tokens = [modifier.tokens(text_clip, caption) for caption in captions]
+            else:
+                tokens = [text_clip.tokenize(caption) for caption in captions]
         for layer in layers.values():
             layer.to(patcher.load_device)
         for key in elementwise:
             elementwise[key].data = elementwise[key].data.to(patcher.load_device)
-        install_layers(patcher, layers, elementwise)
+        for key in full:
+            full[key].data = full[key].data.to(patcher.load_device)
+        install_layers(patcher, {**layers}, {**elementwise, **full})
         if type(patcher.model.diffusion_model).__name__ != "UNetModel":
             install_norm_input_copies(patcher)
         recorder = None
@@ -574,9 +604,12 @@ def _train(
             install_checkpointing(patcher)
         names = {id(layer.delta): key for key, layer in layers.items()} | {id(p): key for key, p in elementwise.items()}
         names |= {id(layer.delta): "text_encoders." + key for key, layer in text_layers.items()}
+        names |= {id(p): key for key, p in full.items()}
+        if modifier is not None:
+            names |= {id(p): f"modifier.{key}" for key, p in modifier.vectors.items()}
 
         def snapshot() -> SpectralShift:
-            return _as_shift(layers, elementwise, base_hashes, architecture, metadata, text_layers)
+            return _as_shift(layers, {**elementwise, **full}, base_hashes, architecture, metadata, text_layers)
 
         guider = _Guider(patcher)
         guider.inner_set_conds({"positive": positive})
@@ -592,7 +625,8 @@ def _train(
                 for ex in examples:
                     lat = inner.process_latent_in(ex.latent.to(device, torch.float32)).clone()
                     flip = None if ex.flipped is None else inner.process_latent_in(ex.flipped.to(device, torch.float32)).clone()
-                    out.append((lat, flip, ex.cond_index, ex.attention))
+                    mask = None if ex.mask is None else ex.mask.to(device, torch.float32).reshape(1, 1, *ex.mask.shape[-2:])
+                    out.append((lat, flip, ex.cond_index, ex.attention, mask))
                 return out
 
             data = prepare(instance)
@@ -606,8 +640,13 @@ def _train(
                 parts = [batch]
                 if prior_data:
                     parts.append(_pick(prior_data, prior_rows, generator, False))
-                x0 = torch.cat([lat for part in parts for lat, _, _ in part])
-                cond_idx = [i for part in parts for _, i, _ in part]
+                x0 = torch.cat([lat for part in parts for lat, _, _, _ in part])
+                cond_idx = [i for part in parts for _, i, _, _ in part]
+                masks = [mask for part in parts for _, _, _, mask in part]
+                weight = None
+                if any(mask is not None for mask in masks):
+                    ones = x0.new_ones((1, 1, *x0.shape[-2:]))
+                    weight = torch.cat([ones if mask is None else mask for mask in masks])
                 noise = torch.randn(x0.shape, generator=generator).to(device)
                 percent = torch.rand(x0.shape[0], generator=generator)
                 sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent], device=device)
@@ -627,13 +666,13 @@ def _train(
                 finally:
                     if recorder is not None:
                         recorder.active = False
-                per_example = native_mse(inner, x_t, sigma, denoised, x0)
+                per_example = native_mse(inner, x_t, sigma, denoised, x0, weight)
                 n = len(parts[0])
                 loss = per_example[:n].mean()
                 if prior_data:
                     loss = loss + config.prior_weight * per_example[n:].mean()
                 if recorder is not None:
-                    penalty = attention_penalty(recorder.maps, [targets for _, _, targets in batch], attention)
+                    penalty = attention_penalty(recorder.maps, [targets for _, _, targets, _ in batch], attention)
                     recorder.maps.clear()
                     if penalty is not None:
                         loss = loss + penalty
@@ -643,6 +682,8 @@ def _train(
                 "spectral": [layer.delta for layer in layers.values()],
                 "1d": list(elementwise.values()),
                 "text": [layer.delta for layer in text_layers.values()],
+                "full": list(full.values()),
+                "token": [] if modifier is None else list(modifier.vectors.values()),
             }
             trainer = Trainer(config, groups, loss_fn)
             if resume is not None:
@@ -663,7 +704,14 @@ def _train(
     shift = snapshot()
     parameters = sum(p.numel() for p in trainer.parameters)
     return TrainingResult(
-        shift, trainer.losses, state, trainer.step, time.perf_counter() - started, parameters, len(layers) + len(elementwise)
+        shift,
+        trainer.losses,
+        state,
+        trainer.step,
+        time.perf_counter() - started,
+        parameters,
+        len(layers) + len(elementwise) + len(full),
+        embedding={} if modifier is None else modifier.embedding(),
     )
 
 
@@ -720,14 +768,118 @@ def outside_attention(
 
 
 def _pick(data: list, rows: list[int], generator: torch.Generator, flip: bool) -> list:
-    """The examples at ``rows`` as (latent, caption index, attention targets), each
+    """The examples at ``rows`` as (latent, caption index, attention targets, mask), each
     mirrored with probability ½ when flips are on and it has a mirrored latent."""
     out = []
     for row in rows:
-        lat, flipped, index, targets = data[row]
+        lat, flipped, index, targets, mask = data[row]
         use_flip = flip and flipped is not None and bool(torch.rand((), generator=generator) < 0.5)
-        out.append((flipped if use_flip else lat, index, targets))
+        out.append((flipped if use_flip else lat, index, targets, mask))
     return out
+
+
+def _word_ids(clip, word: str) -> dict[str, list[int]]:
+    """Token ids of ``word`` per tokenizer (start/end/padding tokens removed)."""
+    tokens = clip.tokenize(word)
+    empty = clip.tokenize("")
+    out = {}
+    for key in tokens:
+        piece = [t[0] for t in tokens[key][0]]
+        blank = [t[0] for t in empty[key][0]]
+        start = 1 if piece and blank and piece[0] == blank[0] and len(blank) > 1 else 0
+        end_token = blank[start] if len(blank) > start else None
+        stop = next((i for i in range(start, len(piece)) if piece[i] == end_token), len(piece))
+        out[key] = [int(t) for t in piece[start:stop]]
+    return out
+
+
+PLACEHOLDERS = ("sks", "bnp", "pll", "olis")
+"""Rare single-token words that mark the modifier's place while a caption is tokenized."""
+
+
+class ModifierToken:
+    """Custom Diffusion's modifier token V*: a placeholder word of the captions trained
+    as a new token embedding, one vector per CLIP text encoder (SDXL: clip_l and clip_g).
+
+    The vector starts from the initializer's row of the token table: a token id (the
+    reference code uses 42170, the word piece "ktn") or a word that is a single token.
+    Captions are tokenized with the placeholder replaced by a rare single-token word
+    they do not contain; the vector then takes that token's place in the token list,
+    which ComfyUI's text encoders accept as an embedding, exactly as they accept
+    ``embedding:name`` — so the vectors saved as an embedding file give the same text
+    features at inference.
+    """
+
+    def __init__(self, clip, word: str, initializer: str, captions: list[str] | None):
+        if clip is None:
+            raise ValueError("modifier_token needs the CLIP; connect it, or clear modifier_token")
+        self.word, self.initializer = word, initializer.strip()
+        probe = clip.tokenize("a")
+        self.vectors: dict[str, torch.nn.Parameter] = {}
+        if self.initializer.isdigit():
+            init_ids = {key: int(self.initializer) for key in probe}
+        else:
+            init_ids = {}
+            for key, found in _word_ids(clip, self.initializer).items():
+                if len(found) != 1:
+                    raise ValueError(
+                        f"initializer_token '{self.initializer}' is {len(found)} tokens for the '{key}' text encoder; "
+                        "choose a word that is a single rare token (e.g. 'sks'), or a token id such as 42170"
+                    )
+                init_ids[key] = found[0]
+        for key, token_id in init_ids.items():
+            module = getattr(clip.cond_stage_model, f"clip_{key}", None)
+            embeddings = getattr(getattr(module, "transformer", None), "get_input_embeddings", None)
+            if embeddings is None:
+                raise ValueError(
+                    f"the '{key}' text encoder has no token-embedding table this node can extend; "
+                    "modifier tokens work with the CLIP text encoders of SD1.x, SD2.x and SDXL — clear modifier_token"
+                )
+            table = embeddings().weight
+            if not 0 <= token_id < table.shape[0]:
+                raise ValueError(f"initializer_token {token_id} is not a token id of the '{key}' text encoder (0 … {table.shape[0] - 1})")
+            self.vectors[key] = torch.nn.Parameter(table[token_id].detach().float().clone())
+        self.placeholders = []
+        for candidate in PLACEHOLDERS:
+            ids = _word_ids(clip, candidate)
+            if all(len(found) == 1 for found in ids.values()):
+                self.placeholders.append((candidate, {key: found[0] for key, found in ids.items()}))
+        captions = captions or []
+        if not any(word in caption for caption in captions):
+            raise ValueError(
+                f"no training caption contains the modifier token '{word}'; write it into the captions "
+                f"(e.g. 'photo of a {word} cat') or clear modifier_token"
+            )
+        for caption in captions:
+            self.tokens(clip, caption)  # refuses captions where the token does not stand alone
+
+    def to(self, device) -> None:
+        for vector in self.vectors.values():
+            vector.data = vector.data.to(device)
+
+    def tokens(self, clip, caption: str) -> dict:
+        """``clip.tokenize(caption)`` with the trainable vectors in the placeholder's place."""
+        count = caption.count(self.word)
+        if count == 0:
+            return clip.tokenize(caption)
+        words = caption.lower().split()
+        placeholder, ids = next(((w, ids) for w, ids in self.placeholders if w not in words), (None, None))
+        if placeholder is None:
+            raise ValueError(f"the caption '{caption}' uses every placeholder word SVDiff could mark the modifier token with; reword it")
+        tokens = clip.tokenize(caption.replace(self.word, f" {placeholder} "))
+        out = {}
+        for key, chunks in tokens.items():
+            token_id = ids.get(key)
+            found = sum(1 for chunk in chunks for t in chunk if not torch.is_tensor(t[0]) and t[0] == token_id)
+            if token_id is None or found != count:
+                raise ValueError(f"in the caption '{caption}' the modifier token '{self.word}' must stand alone as a word")
+            vector = self.vectors[key]
+            out[key] = [[(vector, *t[1:]) if (not torch.is_tensor(t[0]) and t[0] == token_id) else t for t in chunk] for chunk in chunks]
+        return out
+
+    def embedding(self) -> dict[str, torch.Tensor]:
+        """The vectors as a ComfyUI embedding file's tensors (``clip_l``, ``clip_g``, … of shape (1, d))."""
+        return {f"clip_{key}": vector.detach().float().cpu()[None].clone() for key, vector in self.vectors.items()}
 
 
 TEXT_SKIP = ("embedding", "position_ids")

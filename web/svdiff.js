@@ -1,6 +1,6 @@
 // ComfyUI-SVDiff frontend extension.
 //
-// * SVDiffTrain: a live loss curve on the node, drawn from the server's "svdiff.train"
+// * SVDiffTrain, SVDiffTrainCustomDiffusion: a live loss curve on the node, drawn from the server's "svdiff.train"
 //   websocket messages while it trains, and from the node's output (history) afterwards.
 // * SVDiffLoader / SVDiffLoadShift: a panel that says what the chosen shift file is
 //   (architecture, trigger words, steps, layers, size, the loss curve it was trained with)
@@ -11,7 +11,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN_NODE = "SVDiffTrain";
+const TRAIN_NODES = new Set(["SVDiffTrain", "SVDiffTrainCustomDiffusion"]);
 const LOADER_NODES = { SVDiffLoader: "shift_name", SVDiffLoadShift: "shift_name" };
 const CHECKPOINT_WIDGETS = { ckpt_name: "checkpoints", unet_name: "diffusion_models" };
 const TRAIN_EVENT = "svdiff.train";
@@ -433,7 +433,7 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === TRAIN_NODE) {
+    if (TRAIN_NODES.has(nodeData.name)) {
       chain(nodeType.prototype, "onNodeCreated", function () {
         this.svdiffChart = new LossChart();
         addPanel(this, "svdiff_loss_curve", this.svdiffChart.element, CHART_HEIGHT);

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from .subsets import CUSTOM, SUBSETS
 
 OPTIMIZERS = ("AdamW", "Adam")
+METHODS = ("spectral", "full")
+"""What is trained: spectral shifts (SVDiff), or full K/V weight deltas (Custom Diffusion)."""
 
 
 @dataclass
@@ -43,13 +45,23 @@ class TrainConfig:
     seed: int = 0
     flip: bool = True
     """Random horizontal flips of instance images."""
+    method: str = "spectral"
+    """"spectral": shifts on ``subset``; "full": full-weight deltas on cross-attention K/V only."""
+    lr_full: float = 1e-5
+    """Learning rate of the full K/V deltas (Custom Diffusion: 1e-5 per image of the batch)."""
+    modifier_token: str = ""
+    """A placeholder word in the captions (e.g. ``<new1>``) trained as a new token embedding; "" for none."""
+    initializer_token: str = "42170"
+    """Token id (or single-token word) whose embedding the modifier starts from (reference: 42170, the piece "ktn")."""
+    lr_token: float = 1e-5
+    """Learning rate of the modifier token's embedding."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accumulation"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} is {value}; it must be a whole number of at least 1")
-        for name in ("lr_spectral", "lr_1d", "lr_text"):
+        for name in ("lr_spectral", "lr_1d", "lr_text", "lr_full", "lr_token"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} is {value}; learning rates must be positive (the paper uses 1e-3 for shifts, 1e-6 for 1-D)")
@@ -63,6 +75,14 @@ class TrainConfig:
             raise ValueError(f"warmup_steps is {self.warmup_steps}; it must be ≥ 0")
         if self.rank < 0:
             raise ValueError(f"rank is {self.rank}; use 0 for all singular values or a positive limit")
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is unknown; use one of {', '.join(METHODS)}")
+        if self.modifier_token.strip() != self.modifier_token or " " in self.modifier_token:
+            raise ValueError(f"modifier_token '{self.modifier_token}' must be one word without spaces, e.g. <new1>")
+        if self.modifier_token and (not self.initializer_token.strip() or " " in self.initializer_token.strip()):
+            raise ValueError(
+                f"initializer_token '{self.initializer_token}' must be one word or a token id, e.g. 42170 (the reference's 'ktn')"
+            )
         if self.subset != CUSTOM and self.subset not in SUBSETS:
             raise ValueError(f"subset '{self.subset}' is unknown; choose one of {', '.join([*SUBSETS, CUSTOM])}")
         if self.subset == CUSTOM and not self.patterns.strip() and not self.train_text_encoder:

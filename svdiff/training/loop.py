@@ -27,14 +27,20 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 class Trainer:
     config: TrainConfig
     groups: dict[str, list[torch.nn.Parameter]]
-    """Parameters by group: "spectral", "1d", "text" (empty groups are dropped)."""
+    """Parameters by group: "spectral", "1d", "text", "full", "token" (empty groups are dropped)."""
     loss_fn: LossFn
     """Loss of one micro-batch: ``loss_fn(step, micro, generator)``."""
     step: int = 0
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        lrs = {"spectral": self.config.lr_spectral, "1d": self.config.lr_1d, "text": self.config.lr_text}
+        lrs = {
+            "spectral": self.config.lr_spectral,
+            "1d": self.config.lr_1d,
+            "text": self.config.lr_text,
+            "full": self.config.lr_full,
+            "token": self.config.lr_token,
+        }
         param_groups = [
             {"params": params, "lr": lrs[name], "base_lr": lrs[name], "name": name} for name, params in self.groups.items() if params
         ]

@@ -83,7 +83,7 @@ def test_node_library_lists_the_svdiff_nodes(open_page, server_object_info):
     page.page.screenshot(path=str(ARTIFACTS / "node_library.png"))
     listed = page.page.evaluate("() => document.body.innerText")
     ours = {name: info["display_name"] for name, info in server_object_info.items() if name.startswith("SVDiff")}
-    assert len(ours) == 17
+    assert len(ours) == 21
     registered = page.page.evaluate("() => Object.keys(LiteGraph.registered_node_types).filter((k) => k.startsWith('SVDiff'))")
     assert sorted(registered) == sorted(ours)
     shown = [title for title in ours.values() if title in listed]

@@ -49,6 +49,10 @@ def _expected_files(prompt: dict) -> list[tuple[str, str, dict]]:
         kind, inputs = entry["class_type"], entry["inputs"]
         if kind in ("SVDiffSave", "SVDiffTrain"):
             expected.append(("models/spectral_shifts", f"{inputs['filename_prefix']}.safetensors", entry))
+        elif kind == "SVDiffTrainCustomDiffusion":
+            expected.append(("models/loras", f"{inputs['filename_prefix']}.safetensors", entry))
+            if inputs["modifier_token"]:
+                expected.append(("models/embeddings", f"{inputs['filename_prefix']}.safetensors", entry))
         elif kind == "SVDiffExportLoRA":
             expected.append(("models/loras", f"{inputs['filename_prefix']}*.safetensors", entry))
         elif kind == "SaveImage":
@@ -62,7 +66,7 @@ def _files(base: Path) -> set[Path]:
 
 def test_server_loads_the_extension(comfy_server, server_object_info):
     ids = {name for name in server_object_info if name.startswith("SVDiff")}
-    assert len(ids) == 17, sorted(ids)
+    assert len(ids) == 21, sorted(ids)
     scripts = comfy_server.get_json("/extensions")
     ours = [s for s in scripts if s.startswith(f"/extensions/{INSTALL_NAME}/")]
     assert ours == [f"/extensions/{INSTALL_NAME}/svdiff.js"], scripts
@@ -103,6 +107,13 @@ def test_workflow_runs_through_the_server(comfy_server, server_object_info, tiny
                 shift = read_shift(file)
                 if node["class_type"] == "SVDiffTrain":
                     assert json.loads(shift.metadata["svdiff.training"])["steps"] == node["inputs"]["steps"]
+            elif folder == "models/loras" and node["class_type"] == "SVDiffTrainCustomDiffusion":
+                deltas = read_shift(file)  # Custom Diffusion K/V weights in ComfyUI's stock .diff form
+                assert deltas.tensors and all(k.endswith((".attn2.to_k.diff", ".attn2.to_v.diff")) for k in deltas.tensors)
+                assert json.loads(deltas.metadata["svdiff.training"])["steps"] == node["inputs"]["steps"]
+            elif folder == "models/embeddings":
+                with safe_open(str(file), "pt") as f:
+                    assert "clip_l" in f.keys()
             elif folder == "models/loras":
                 with safe_open(str(file), "pt") as f:
                     assert any(".lora_up." in k or "lora_B" in k for k in f.keys())

@@ -142,10 +142,10 @@ def _loss_at(model, clip, examples, seed, step):
     inner = model.model
     positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
     generator = step_generator(seed, step, 0)
-    data = [(inner.process_latent_in(ex.latent.float()), ex.flipped, 0, None) for ex in examples]
+    data = [(inner.process_latent_in(ex.latent.float()), ex.flipped, 0, None, None) for ex in examples]
     rows, _ = comfy_training.uniform_plan(len(data), 0)(generator, 1)
     batch = comfy_training._pick(data, rows, generator, False)
-    x0 = torch.cat([lat for lat, _, _ in batch])
+    x0 = torch.cat([lat for lat, _, _, _ in batch])
     noise = torch.randn(x0.shape, generator=generator)
     percent = torch.rand(x0.shape[0], generator=generator)
     sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent])

@@ -64,7 +64,8 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
             "SVDiffApply SVDiffCombine SVDiffExportLoRA SVDiffInspect SVDiffLoadShift SVDiffLoader SVDiffSave SVDiffSelectLayers "
             "SVDiffDatasetFromFolder SVDiffDatasetFromImages SVDiffTrain "
             "SVDiffDDIMInversion SVDiffInvertedNoise SVDiffDDIMSampler "
-            "SVDiffCutMixUnmix SVDiffAttentionRegularization SVDiffNegativePriorGuider".split()
+            "SVDiffCutMixUnmix SVDiffAttentionRegularization SVDiffNegativePriorGuider "
+            "SVDiffTrainCustomDiffusion SVDiffLoadKVDeltas SVDiffConcept SVDiffMergeConcepts".split()
         )
     )
     assert f"IDS {expected}" in run.stdout
