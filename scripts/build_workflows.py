@@ -570,6 +570,7 @@ def build(spec: dict, info: dict) -> dict:
 PANEL_HEIGHT = {"SVDiffTrain": 190, "SVDiffTrainCustomDiffusion": 190, "SVDiffLoader": 170, "SVDiffLoadShift": 170}
 PREVIEW_HEIGHT = {"SaveImage": 260, "PreviewImage": 260, "LoadImage": 260, "SVDiffInspect": 220, "SVDiffCutMixUnmix": 200}
 MULTILINE_HEIGHT = 110
+NODE_WIDTH = {"SVDiffTrainCustomDiffusion": 520, "SVDiffMergeConcepts": 460}  # long combo values
 COLUMN_GAP, ROW_GAP = 70, 40
 
 
@@ -593,7 +594,7 @@ def node_size(n: dict, definition: dict) -> list[int]:
     height = 40 + 22 * slots + 26 * len(widgets) + MULTILINE_HEIGHT * multiline
     height += PANEL_HEIGHT.get(n["type"], 0) + PREVIEW_HEIGHT.get(n["type"], 0)
     wide = multiline or n["type"] in PANEL_HEIGHT or n["type"] in PREVIEW_HEIGHT
-    return [400 if wide else 340, height]
+    return [NODE_WIDTH.get(n["type"], 400 if wide else 340), height]
 
 
 def layout(spec: dict, info: dict) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
