@@ -40,13 +40,27 @@ def shift_files() -> list[str]:
     return folder_paths.get_filename_list(SHIFT_FOLDER)
 
 
+def model_file(folder: str, name: str, input_name: str) -> Path:
+    """Full path of a file ComfyUI lists in ``folder``, or a ValueError that says where to put it."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(folder))
+        raise ValueError(f"{input_name}: '{name}' was not found in {folders}; put the file there and refresh")
+    return Path(path)
+
+
 def shift_path(name: str) -> Path:
     """Full path of a listed shift file, or a ValueError that says where to put it."""
-    path = folder_paths.get_full_path(SHIFT_FOLDER, name)
+    return model_file(SHIFT_FOLDER, name, "shift_name")
+
+
+def file_fingerprint(folder: str, name: str) -> str:
+    """Re-run loader nodes when the file on disk changes under the same name."""
+    path = folder_paths.get_full_path(folder, name)
     if path is None:
-        folders = ", ".join(folder_paths.get_folder_paths(SHIFT_FOLDER))
-        raise ValueError(f"shift_name: '{name}' was not found in {folders}; put the file there and refresh")
-    return Path(path)
+        return f"missing:{name}"
+    stat = Path(path).stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def require_finite(name: str, value: float) -> float:
@@ -86,14 +100,22 @@ def safe_output_path(folder: str, prefix: str, what: str, input_name: str = "fil
     return candidate
 
 
-def numbered(path: Path) -> Path:
-    """``path`` if free, else ``name_00001.safetensors`` … (never overwrite silently)."""
-    if not path.exists():
+def numbered(path: Path, *companions: Path) -> Path:
+    """``path`` if free, else ``name_00001.safetensors`` … (never overwrite silently).
+
+    ``companions`` are files of the same name in other folders written together with
+    ``path`` (a K/V file and its embedding): the name chosen is free in all of them.
+    """
+
+    def taken(name: str) -> bool:
+        return any(p.with_name(name).exists() for p in (path, *companions))
+
+    if not taken(path.name):
         return path
     stem = path.name[: -len(".safetensors")]
     for counter in range(1, 100000):
         candidate = path.with_name(f"{stem}_{counter:05}.safetensors")
-        if not candidate.exists():
+        if not taken(candidate.name):
             return candidate
     raise ValueError(f"too many files named '{stem}_*' in {path.parent}; choose another name")
 

@@ -22,6 +22,8 @@ from .common import (
     DatasetType,
     NodeProgress,
     SpectralShiftType,
+    file_fingerprint,
+    numbered,
     require_finite,
     safe_output_path,
 )
@@ -42,16 +44,13 @@ AUGMENT = ("auto", "on", "off")
 
 
 def _free_stem(prefix: str, folders: list[str], overwrite: bool) -> tuple[str, dict[str, Path]]:
-    """One file stem free in every folder (``name``, ``name_00001``, …) and its paths."""
+    """One file name free in every folder (``name``, ``name_00001``, …) and its paths."""
     paths = {folder: safe_output_path(folder, prefix, "file") for folder in folders}
-    if overwrite:
-        return next(iter(paths.values())).stem, paths
-    for counter in range(0, 100000):
-        suffix = "" if counter == 0 else f"_{counter:05}"
-        candidate = {folder: path.with_name(path.name[: -len(".safetensors")] + suffix + ".safetensors") for folder, path in paths.items()}
-        if not any(p.exists() for p in candidate.values()):
-            return next(iter(candidate.values())).stem, candidate
-    raise ValueError(f"filename_prefix: too many files named '{prefix}_*'; choose another name")
+    first, *others = paths.values()
+    if not overwrite:
+        first = numbered(first, *others)
+        paths = {folder: path.with_name(first.name) for folder, path in paths.items()}
+    return first.stem, paths
 
 
 def _embedding_name(path: Path) -> str:
@@ -303,20 +302,13 @@ class SVDiffLoadKVDeltas(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, deltas_name):
-        path = folder_paths.get_full_path(LORA_FOLDER, deltas_name)
-        if path is None:
-            return f"missing:{deltas_name}"
-        stat = Path(path).stat()
-        return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+        return file_fingerprint(LORA_FOLDER, deltas_name)
 
     @classmethod
     def execute(cls, deltas_name):
-        path = folder_paths.get_full_path(LORA_FOLDER, deltas_name)
-        if path is None:
-            folders = ", ".join(folder_paths.get_folder_paths(LORA_FOLDER))
-            raise ValueError(f"deltas_name: '{deltas_name}' was not found in {folders}; put the file there and refresh")
-        shift = fileformat.read_shift(path)
-        return io.NodeOutput(shift)
+        from .patching import load_shift_file
+
+        return io.NodeOutput(load_shift_file(deltas_name, LORA_FOLDER, "deltas_name"))
 
 
 class SVDiffConcept(io.ComfyNode):

@@ -24,12 +24,13 @@ from .common import (
     SHIFT_FOLDER,
     NodeProgress,
     SpectralShiftType,
+    file_fingerprint,
     log,
+    model_file,
     numbered,
     require_finite,
     safe_output_path,
     shift_files,
-    shift_path,
 )
 
 # ----------------------------------------------------------------------------------
@@ -40,8 +41,9 @@ _loaded_lock = threading.Lock()
 _LOADED_MAX = 8
 
 
-def load_shift_file(name: str) -> SpectralShift:
-    path = shift_path(name)
+def load_shift_file(name: str, folder: str = SHIFT_FOLDER, input_name: str = "shift_name") -> SpectralShift:
+    """A listed file of ``folder`` read as a shift, memoised while the file is unchanged."""
+    path = model_file(folder, name, input_name)
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     with _loaded_lock:
@@ -55,15 +57,6 @@ def load_shift_file(name: str) -> SpectralShift:
         while len(_loaded) > _LOADED_MAX:
             _loaded.popitem(last=False)
     return shift
-
-
-def _file_fingerprint(shift_name: str) -> str:
-    """Re-run loaders when the file on disk changes under the same name."""
-    path = folder_paths.get_full_path(SHIFT_FOLDER, shift_name)
-    if path is None:
-        return f"missing:{shift_name}"
-    stat = Path(path).stat()
-    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _strength_inputs():
@@ -120,7 +113,7 @@ class SVDiffLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model, shift_name, strength_model, strength_clip, clip=None):
-        return _file_fingerprint(shift_name)
+        return file_fingerprint(SHIFT_FOLDER, shift_name)
 
     @classmethod
     def execute(cls, model, shift_name, strength_model, strength_clip, clip=None):
@@ -143,7 +136,7 @@ class SVDiffLoadShift(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, shift_name):
-        return _file_fingerprint(shift_name)
+        return file_fingerprint(SHIFT_FOLDER, shift_name)
 
     @classmethod
     def execute(cls, shift_name):

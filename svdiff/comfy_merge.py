@@ -230,9 +230,8 @@ class MergeReport:
         return "\n".join([head, *self.notes])
 
 
-def concept_deltas(model, concept: Concept, index: int, keys: list[str], bases: dict[str, torch.Tensor], report: MergeReport):
+def concept_deltas(model, shapes: dict, concept: Concept, index: int, bases: dict[str, torch.Tensor], report: MergeReport):
     """``{param: ΔW}`` of the concept's K/V layers (others are reported and left out)."""
-    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
     try:
         resolved = resolve(concept.deltas, shapes, None, component_architecture(model))
     except ShiftMismatchError as exc:
@@ -292,7 +291,7 @@ def merge_concepts(model, clip, concepts: list[Concept], captions: list[str], pr
         rows = target_features(clip, concept)
         targets.append(rows)
         owners.append(rows.shape[0])
-        all_deltas.append(concept_deltas(model, concept, index, keys, bases, report))
+        all_deltas.append(concept_deltas(model, shapes, concept, index, bases, report))
     target_rows = torch.cat(targets)
     system = merge.build_system(regularization, target_rows)
     report.targets, report.rank = target_rows.shape[0], system.rank

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,7 +87,7 @@ def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embeddi
     assert all(tuple(deltas.tensors[k[: -len(".weight")] + ".diff"].shape) == shapes[k] for k in kv)
     assert all(float(t.abs().max()) > 0 for t in deltas.tensors.values())
     assert deltas.metadata["svdiff.method"] == "custom-diffusion" and deltas.metadata["svdiff.embedding"] == "cd_test"
-    summary = __import__("json").loads(deltas.metadata["svdiff.training"])
+    summary = json.loads(deltas.metadata["svdiff.training"])
     # Real regularisation images with their own captions, augmented captions with the reference's words.
     assert any(c.startswith("a photo of a cat on a sofa") for c in summary["captions"])
     assert all(c.endswith("photo of a <new1> cat") for c in summary["captions"] if "<new1>" in c)
@@ -323,6 +325,7 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
     import comfy.sd
     import comfy.utils
 
+    from comfyui_svdiff.svdiff import comfy_merge
     from comfyui_svdiff.svdiff.fileformat import write_shift
 
     model, clip = merge_setup
@@ -343,9 +346,7 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
     assert result.success, result.error_message
     text = result.output("6")["text"][0]
     assert "merged" in text and "saved models/loras/merged_pets.safetensors" in text
-    _, patches, _ = __import__("comfyui_svdiff.svdiff.comfy_merge", fromlist=["x"]).merge_concepts(
-        model, clip, [cat, dog], __import__("comfyui_svdiff.svdiff.comfy_merge", fromlist=["x"]).builtin_captions()
-    )
+    _, patches, _ = comfy_merge.merge_concepts(model, clip, [cat, dog], comfy_merge.builtin_captions())
     raw = comfy.utils.load_torch_file(str(comfy_handle.model_dir("loras") / "merged_pets.safetensors"), safe_load=True)
     loaded, _ = comfy.sd.load_lora_for_models(model, None, raw, 1.0, 0.0)
     weights = patched_state_dict(loaded)
