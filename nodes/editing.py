@@ -12,7 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..svdiff import comfy_editing
-from .common import CATEGORY, NodeProgress
+from .common import CATEGORY, NodeProgress, log
 
 EDIT_CATEGORY = f"{CATEGORY}/editing"
 
@@ -67,6 +67,7 @@ class SVDiffDDIMInversion(io.ComfyNode):
         def callback(step, _x0, _x, total):
             progress(step + 1, total)
 
+        log.info("SVDiff: DDIM inversion over %d steps (refine_iterations %d)", steps, refine_iterations)
         result = comfy_editing.invert(model, positive, latent, sigmas, cfg, negative, refine_iterations, callback=callback)
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
         # "samples" holds the variance-preserving z_T (about unit variance) so previews and

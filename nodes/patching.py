@@ -19,6 +19,7 @@ from ..svdiff.export import export_lora
 from ..svdiff.inspection import cosine_plot, describe, magnitude_plot, to_image_tensor
 from ..svdiff.layers import layer_selector
 from ..svdiff.shift import SpectralShift, combine, select
+from ..svdiff.targets import ShiftMismatchError
 from .common import (
     CATEGORY,
     SHIFT_FOLDER,
@@ -50,7 +51,10 @@ def load_shift_file(name: str, folder: str = SHIFT_FOLDER, input_name: str = "sh
         if key in _loaded:
             _loaded.move_to_end(key)
             return _loaded[key]
-    shift = fileformat.read_shift(path)
+    try:
+        shift = fileformat.read_shift(path)
+    except fileformat.ShiftFileError as exc:
+        raise fileformat.ShiftFileError(f"{input_name}: {exc}") from None
     shift.name = Path(name).stem if shift.name == path.stem else shift.name
     with _loaded_lock:
         _loaded[key] = shift
@@ -80,11 +84,14 @@ def _strength_inputs():
     ]
 
 
-def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, node_id: str | None):
+def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, node_id: str | None, input_name: str):
     strength_model = require_finite("strength_model", strength_model)
     strength_clip = require_finite("strength_clip", strength_clip)
     total = len(shift.tensors)
-    new_model, new_clip, report = apply_shift(model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id))
+    try:
+        new_model, new_clip, report = apply_shift(model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id))
+    except ShiftMismatchError as exc:
+        raise ShiftMismatchError(f"{input_name}: {exc}") from None
     log.info("SVDiff applied %s", report.summary())
     return new_model, new_clip, report
 
@@ -118,7 +125,7 @@ class SVDiffLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, shift_name, strength_model, strength_clip, clip=None):
         shift = load_shift_file(shift_name)
-        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id)
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift_name")
         return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
 
 
@@ -163,7 +170,7 @@ class SVDiffApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, shift, strength_model, strength_clip, clip=None):
-        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id)
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift")
         return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
 
 

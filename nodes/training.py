@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..svdiff import fileformat
-from ..svdiff.apply import apply_shift
+from ..svdiff.apply import apply_shift, check_fits
 from ..svdiff.cache import content_hash, default_cache
 from ..svdiff.inspection import line_chart, to_image_tensor
 from ..svdiff.shift import SpectralShift
@@ -177,6 +177,7 @@ def _generate_prior(model, clip, prompt: str, count: int, resolution: int, seed:
         latents = load_file(str(path))["latents"]
         log.info("SVDiff: %d prior latents for '%s' from cache", latents.shape[0], prompt)
         return [latents[i : i + 1] for i in range(latents.shape[0])]
+    log.info("SVDiff: generating %d prior images for '%s'", count, prompt)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     channels = model.get_model_object("latent_format").latent_channels
@@ -471,7 +472,11 @@ class SVDiffTrain(io.ComfyNode):
         state = None
         if resume_from != NO_RESUME:
             resume_path = shift_path(resume_from)
-            resume = fileformat.read_shift(resume_path)
+            try:
+                resume = fileformat.read_shift(resume_path)
+                check_fits(model, clip, resume)
+            except ValueError as exc:  # ShiftFileError, ShiftMismatchError
+                raise ValueError(f"resume_from: {exc}") from None
             state = _load_state(resume_path)
 
         plan = None

@@ -77,6 +77,16 @@ def _shapes(patcher) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
 
 
+def check_fits(model, clip, shift: SpectralShift) -> None:
+    """Raise :class:`ShiftMismatchError` unless every key of ``shift`` fits ``model``/``clip``."""
+    resolve(
+        shift,
+        _shapes(model) if model is not None else None,
+        _shapes(clip.patcher) if clip is not None else None,
+        component_architecture(model) if model is not None else None,
+    )
+
+
 @dataclass
 class PreparedComponent:
     """One component (MODEL or CLIP) with its targets resolved and decomposed."""

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -480,10 +481,36 @@ def train(
     """Train a spectral shift on ``model`` (never modified) and return it (see :func:`_train`)."""
     # Everything trainable must be created outside ComfyUI's inference mode.
     with torch.inference_mode(False):
-        return _train(
-            model, positive, instance, prior, config, resume, optimizer_state, on_step, progress, architecture, metadata,
-            gradient_checkpointing, clip, captions, plan, attention,
-        )  # fmt: skip
+        try:
+            return _train(
+                model, positive, instance, prior, config, resume, optimizer_state, on_step, progress, architecture, metadata,
+                gradient_checkpointing, clip, captions, plan, attention,
+            )  # fmt: skip
+        except BaseException as exc:
+            # Free the trainable tensors, optimizer state and decompositions that the
+            # finished frames of the traceback hold, even if the caller (ComfyUI's
+            # executor, a log handler) keeps the exception.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            release_training_hooks(model, clip)
+
+
+def release_training_hooks(model, clip=None) -> None:
+    """Restore the shared modules after training, whatever happened.
+
+    The training clone may still be loaded (its layer wrappers set as object patches on
+    the model's modules), and ComfyUI's unpatch keeps a fully loaded model's weight
+    wrappers in ``weight_function`` until the next load; both hold trainable tensors.
+    """
+    comfy.model_management.unload_all_models()
+    roots = [model.model] + ([clip.patcher.model] if clip is not None else [])
+    for root in roots:
+        for module in root.modules():
+            for attribute in ("weight_function", "bias_function"):
+                wrappers = getattr(module, attribute, None)
+                if wrappers:
+                    setattr(module, attribute, [w for w in wrappers if not isinstance(w, ElementwiseDelta)])
 
 
 def _train(
@@ -525,7 +552,10 @@ def _train(
     else:
         keys = select_parameters(shapes, config.subset, config.patterns)
     if not keys:
-        raise ValueError(f"the layer subset '{config.subset}' with patterns '{config.patterns}' matches no weight of this model")
+        raise ValueError(
+            f"layers '{config.subset}' with name_patterns '{config.patterns}' matches no weight of this model; choose another "
+            "subset or fix name_patterns (substrings, globs or re:regex of layer names such as 'attn2.to_k')"
+        )
     patched = [k for k in keys if model.patches.get(k)]
     if patched:
         raise ValueError(
@@ -816,7 +846,7 @@ class ModifierToken:
         self.word, self.initializer = word, initializer.strip()
         probe = clip.tokenize("a")
         self.vectors: dict[str, torch.nn.Parameter] = {}
-        if self.initializer.isdigit():
+        if self.initializer.isascii() and self.initializer.isdigit():
             init_ids = {key: int(self.initializer) for key in probe}
         else:
             init_ids = {}

@@ -10,6 +10,7 @@ validates it exactly as the loaders will.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections import Counter
@@ -43,15 +44,16 @@ def safetensors_shapes(path: str | os.PathLike) -> tuple[dict[str, str], dict[st
         raise ShiftFileError(f"cannot read '{path.name}': {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise ShiftFileError(f"'{path.name}' has no valid safetensors header") from exc
     if not isinstance(header, dict):
         raise ShiftFileError(f"'{path.name}' has no valid safetensors header")
     metadata = header.pop("__metadata__", None) or {}
     shapes = {}
     for key, entry in header.items():
-        if isinstance(entry, dict) and isinstance(entry.get("shape"), list):
-            shapes[key] = tuple(int(x) for x in entry["shape"])
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if isinstance(shape, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in shape):
+            shapes[key] = tuple(shape)
     return metadata, shapes
 
 
@@ -70,6 +72,30 @@ def _downsample(values: list[float], points: int) -> list[float]:
     return [values[int(i * step)] for i in range(points - 1)] + [values[-1]]
 
 
+# The training summary is JSON written by this extension, but a file can come from
+# anywhere: every field is coerced to the type the panel documents, or dropped.
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value) -> int | None:
+    """An integer field (steps, rank), or None."""
+    if _is_number(value) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _words(value) -> list[str]:
+    """Trigger words from a list of words or a comma-separated string."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return []
+    return [w.strip() for w in value if isinstance(w, str) and w.strip()]
+
+
 def summary(shift: SpectralShift, path: Path) -> dict:
     """The panel's facts about a shift file, JSON-ready."""
     training = shift.training_summary()
@@ -77,16 +103,17 @@ def summary(shift: SpectralShift, path: Path) -> dict:
     components = Counter(t.component for t in targets.values())
     kinds = Counter(t.kind for t in targets.values())
     blocks = list(dict.fromkeys(group_of(k) for k in shift.tensors))
-    triggers = training.get("trigger_words") or [w.strip() for w in shift.metadata.get("svdiff.trigger_words", "").split(",") if w.strip()]
-    losses = [float(x) for x in training.get("losses", []) if isinstance(x, (int, float))]
+    triggers = _words(training.get("trigger_words")) or _words(shift.metadata.get("svdiff.trigger_words", ""))
+    losses = training.get("losses")
+    losses = [float(x) for x in losses if _is_number(x) and math.isfinite(x)] if isinstance(losses, list) else []
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
         "architecture": shift.architecture,
         "source": shift.metadata.get("svdiff.source", "svdiff"),
-        "trigger_words": [str(w) for w in triggers],
-        "steps": training.get("steps"),
-        "rank": training.get("rank"),
+        "trigger_words": triggers,
+        "steps": _whole(training.get("steps")),
+        "rank": _whole(training.get("rank")),
         "model_layers": components.get("model", 0),
         "text_encoder_layers": components.get("clip", 0),
         "spectral": kinds.get("spectral", 0),

@@ -11,11 +11,14 @@ sibling ``spectral_shifts_te.safetensors`` for the text encoder).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import re
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,8 +33,11 @@ log = logging.getLogger("svdiff")
 FORMAT_VERSION = 1
 HASH_CHARS = 8
 UNKNOWN_HASH = "-" * HASH_CHARS
-# safetensors refuses headers above 100 MB; a shift's header is a few tens of KB.
+# safetensors refuses headers above 100 MB. A shift's header (tensor list + metadata)
+# is a few tens of KB for a full SDXL shift; anything above this is not a shift, or
+# carries bloated metadata that every listing and inspection would have to parse.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_SHIFT_HEADER_BYTES = 16 * 1024 * 1024
 # Largest magnitude stored as float16 without overflow (float16 max is 65504).
 FP16_SAFE_MAX = 60000.0
 SVDIFF_PYTORCH_TE_FILE = "spectral_shifts_te.safetensors"
@@ -53,7 +59,7 @@ def read_shift(path: str | os.PathLike) -> SpectralShift:
     fmt = metadata.get("svdiff.format")
     if fmt is not None:
         if fmt != str(FORMAT_VERSION):
-            if fmt.isdigit() and int(fmt) > FORMAT_VERSION:
+            if fmt.isascii() and fmt.isdigit() and int(fmt) > FORMAT_VERSION:
                 raise ShiftFileError(
                     f"'{name}' uses spectral-shift format {fmt}, newer than this extension reads ({FORMAT_VERSION}); update ComfyUI-SVDiff"
                 )
@@ -116,6 +122,12 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
             f"'{name}' is truncated or not a .safetensors file (its header claims {header_len} bytes, "
             f"the file has {size}); get the file again"
         )
+    if header_len > MAX_SHIFT_HEADER_BYTES:
+        raise ShiftFileError(
+            f"'{name}' has a {header_len / 2**20:.1f} MB header (tensor list and metadata); spectral-shift files have "
+            f"a few hundred KB at most ({MAX_SHIFT_HEADER_BYTES // 2**20} MB allowed). It is not a shift file or its "
+            "metadata was bloated; get a clean copy of the file"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -177,6 +189,13 @@ def _read_v1(path: Path, metadata: dict[str, str], keys: list[str]) -> SpectralS
 
 def _read_svdiff_pytorch(path: Path, metadata: dict[str, str], keys: list[str]) -> SpectralShift:
     """svdiff-pytorch: diffusers module names; one scalar δ per norm layer; TE file beside."""
+    try:
+        return _import_svdiff_pytorch(path, metadata, keys)
+    except diffusers_names.UnknownModuleError as exc:
+        raise ShiftFileError(str(exc)) from None
+
+
+def _import_svdiff_pytorch(path: Path, metadata: dict[str, str], keys: list[str]) -> SpectralShift:
     name = path.name
     skipped = [k for k in keys if k.startswith("modifier_tokens.")]
     tensors: dict[str, torch.Tensor] = {}
@@ -283,12 +302,16 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """safetensors ``save_file`` into a temporary file, fsync, then publish.
 
     Publishing uses ``os.link`` (fails if the target exists, so two writers never
-    clobber each other) unless ``overwrite``, which uses ``os.replace``.
+    clobber each other) unless ``overwrite``, which uses ``os.replace``. The target is
+    therefore always the old file or the complete new one; a process killed while
+    writing leaves only its hidden temporary (``.<name>.<pid>.<random>.tmp``), which
+    the next save into that folder removes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path.name}' already exists; choose another name or enable overwrite")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temporaries(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -308,14 +331,75 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
                     raise FileExistsError(f"'{path.name}' already exists; choose another name") from None
                 os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        if getattr(exc, "errno", None) == 28:  # ENOSPC
-            raise OSError(f"no space left on the device to write '{path.name}'; free some disk space") from exc
+    except (OSError, SafetensorError) as exc:
+        code = _os_error_code(exc)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            message = f"no space left on the device to write '{path.name}' in {path.parent}; free some disk space and run again"
+            raise SaveError(message, code) from exc
+        if code == errno.EFBIG:
+            raise SaveError(f"'{path.name}' is larger than this system allows a file to be (ulimit -f); raise the limit", code) from exc
         raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class SaveError(OSError):
+    """A save that the system refused (disk full, file too large); the message says what to do."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+
+def _os_error_code(exc: Exception) -> int | None:
+    """errno of an OSError, or of the I/O error inside a SafetensorError ("... (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    match = re.search(r"os error (\d+)", str(exc))
+    return int(match.group(1)) if match else None
+
+
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 60.0
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove temporaries left by killed writers: the writer's process is gone and the
+    file is older than ``STALE_TEMP_SECONDS`` (a guard for writers in another PID
+    namespace sharing the folder). Returns what was removed."""
+    removed = []
+    now = time.time()
+    try:
+        candidates = list(directory.glob(".*" + TEMP_SUFFIX))
+    except OSError:
+        return removed
+    for temp in candidates:
+        match = _TEMP_NAME.match(temp.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if now - temp.stat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            temp.unlink()
+            removed.append(temp)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted saves in %s", len(removed), directory)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -44,7 +44,7 @@ def _sort_key(group: str) -> tuple:
     order = {"time_embed": 0, "label_emb": 1, "in": 2, "mid": 3, "out": 4, "final": 5}
     head, _, tail = group.partition(" ")
     rank = order.get(head, 6 if not head.startswith("clip") else 7)
-    return (rank, head, int(tail) if tail.isdigit() else -1, tail)
+    return (rank, head, int(tail) if tail.isascii() and tail.isdigit() else -1, tail)
 
 
 def block_magnitudes(shift: SpectralShift) -> OrderedDict[str, float]:

@@ -118,13 +118,7 @@ class SpectralShift:
 
     def training_summary(self) -> dict:
         """The ``svdiff.training`` JSON of later issues (trigger words, steps, ...)."""
-        raw = self.metadata.get("svdiff.training")
-        if not raw:
-            return {}
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            return {}
+        value = parse_json_metadata(self.metadata.get("svdiff.training"))
         return value if isinstance(value, dict) else {}
 
     def history(self) -> list[str]:
@@ -145,12 +139,23 @@ class SpectralShift:
         return SpectralShift(tensors, metadata, hashes, self.name)
 
 
-def _history(metadata: dict[str, str]) -> list[str]:
+def parse_json_metadata(raw: str | None):
+    """A JSON metadata value, or None when it is missing or unusable.
+
+    Metadata comes from files of any origin: malformed JSON, nesting deeper than the
+    parser's recursion limit and non-text values all read as None, never as an error.
+    """
+    if not raw or not isinstance(raw, str):
+        return None
     try:
-        history = json.loads(metadata.get("svdiff.history", "[]"))
-    except json.JSONDecodeError:
-        return []
-    return [str(h) for h in history] if isinstance(history, list) else []
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _history(metadata: dict[str, str]) -> list[str]:
+    history = parse_json_metadata(metadata.get("svdiff.history"))
+    return [h if isinstance(h, str) else json.dumps(h, allow_nan=True)[:200] for h in history] if isinstance(history, list) else []
 
 
 def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -241,7 +246,10 @@ def pattern_matcher(patterns: str) -> Callable[[str], bool]:
             try:
                 regex = re.compile(pattern[3:])
             except re.error as exc:
-                raise ValueError(f"invalid regular expression '{pattern[3:]}': {exc}") from exc
+                raise ValueError(
+                    f"name_patterns: invalid regular expression '{pattern[3:]}' ({exc}); fix it, "
+                    "or drop the 're:' prefix to match a plain substring"
+                ) from exc
             compiled.append(lambda key, regex=regex: regex.search(key) is not None)
         elif any(ch in pattern for ch in "*?["):
             compiled.append(lambda key, pattern=pattern: fnmatch.fnmatchcase(key, pattern))

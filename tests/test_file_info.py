@@ -86,3 +86,32 @@ def test_summary_reports_what_the_file_holds(tmp_path):
     curve = info["losses"]
     assert len(curve) == file_info.MAX_LOSS_POINTS and curve[0] == 0.0 and curve[-1] == 999.0 and curve == sorted(curve)
     json.dumps(info)  # the route sends it as JSON
+
+
+@pytest.mark.parametrize(
+    "training, expected",
+    [
+        # Found by the fuzzer: each broke the panel (an exception, or NaN in its JSON).
+        ("[" * 50_000 + "]" * 50_000, {"steps": None, "losses": [], "trigger_words": []}),
+        (json.dumps({"losses": None, "steps": [], "trigger_words": 5}), {"steps": None, "losses": [], "trigger_words": []}),
+        ('{"losses": [0.5, NaN, Infinity, true, "1"], "steps": 2.5, "rank": 4.0}', {"steps": None, "rank": 4, "losses": [0.5]}),
+        (json.dumps({"trigger_words": "sks, zwx", "steps": 12}), {"steps": 12, "trigger_words": ["sks", "zwx"]}),
+    ],
+)
+def test_summary_of_hostile_training_metadata_is_strict_json(tmp_path, training, expected):
+    path = tmp_path / "odd.safetensors"
+    save_file(
+        {"diffusion_model.a.delta": torch.zeros(3)},
+        str(path),
+        metadata={"svdiff.format": "1", "svdiff.training": training, "svdiff.history": "[" * 50_000},
+    )
+    _, info = file_info.describe(path)
+    json.dumps(info, allow_nan=False)
+    assert {k: info[k] for k in expected} == expected and info["history"] == []
+
+
+def test_svdiff_pytorch_file_with_a_foreign_module_is_refused_as_a_shift_file(tmp_path):
+    path = tmp_path / "spectral_shifts.safetensors"
+    save_file({"eown_blocks.0.attentions.0.proj_in.delta": torch.zeros(4)}, str(path))
+    with pytest.raises(ShiftFileError, match="is not a module of a Stable Diffusion 1.x/2.x UNet"):
+        file_info.describe(path)

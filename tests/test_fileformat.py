@@ -175,11 +175,23 @@ def test_unknown_keys_newer_format_and_loras(tmp_path):
         read_shift(path)
 
 
+def test_a_format_field_of_non_ascii_digits_is_an_unknown_format(tmp_path):
+    """Found by the fuzzer: '¹'.isdigit() is True, but int('¹') raises."""
+    path = tmp_path / "odd.safetensors"
+    save_file({"diffusion_model.a.delta": torch.zeros(3)}, str(path), metadata={"svdiff.format": "\u00b9"})
+    with pytest.raises(ShiftFileError, match="declares an unknown spectral-shift format '\u00b9'"):
+        read_shift(path)
+
+
 def test_huge_metadata_is_read_or_refused_cleanly(tmp_path):
     path = tmp_path / "meta.safetensors"
     save_file({"diffusion_model.a.delta": torch.zeros(3)}, str(path), metadata={"svdiff.format": "1", "svdiff.training": "x" * 5_000_000})
     shift = read_shift(path)  # 5 MB of metadata is legal; the summary parser ignores non-JSON
     assert shift.training_summary() == {}
+    huge = tmp_path / "huge.safetensors"
+    save_file({"diffusion_model.a.delta": torch.zeros(3)}, str(huge), metadata={"svdiff.description": "x" * (17 * 2**20)})
+    with pytest.raises(ShiftFileError, match=r"'huge.safetensors' has a 17.0 MB header .* get a clean copy"):
+        read_shift(huge)
 
 
 # ----------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
 def square_crop(image: Image.Image, resolution: int, name: str) -> Image.Image:
     width, height = image.size
     if min(width, height) < MIN_SIDE:
-        raise ValueError(f"image '{name}' is {width}×{height}; training needs at least {MIN_SIDE} px on the shorter side")
+        raise ValueError(
+            f"image '{name}' is {width}×{height}; training needs at least {MIN_SIDE} px on the shorter side; remove it or replace it with a larger image"
+        )
     scale = resolution / min(width, height)
     resized = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.LANCZOS)
     left = (resized.width - resolution) // 2
@@ -129,7 +131,9 @@ def load_folder(folder: Path, resolution: int, default_caption: str = "", captio
             raise ValueError(f"image '{relative}' cannot be read ({exc}); remove it or convert it to PNG/JPEG") from exc
         items.append(TrainingImage(pil_to_tensor(image), caption, str(relative), max(1, repeats)))
     if not items:
-        raise ValueError(f"folder '{folder}' contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(
+            f"folder '{folder}' contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images to it or choose another folder"
+        )
     dataset = Dataset(items, resolution, trigger.strip(), notes)
     check_trigger(dataset)
     return dataset
@@ -169,5 +173,5 @@ def check_trigger(dataset: Dataset) -> None:
     if missing:
         raise ValueError(
             f"{len(missing)} captions do not contain the trigger word '{dataset.trigger}' (e.g. '{missing[0]}'); "
-            "add it to the captions, or clear the trigger field"
+            "add it to the captions, or clear trigger_word"
         )

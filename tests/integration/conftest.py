@@ -69,7 +69,8 @@ def comfy_server(tmp_path_factory, comfy_handle, tiny_checkpoint):
     server = ComfyServer(find_comfyui(), base)
     prepare_user_dir(base)
     copy_or_link(comfy_handle.model_dir("checkpoints") / tiny_checkpoint, server.models("checkpoints") / tiny_checkpoint)
-    server.start(env={"SVDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("server-svdiff-cache"))})
+    server.svdiff_cache = tmp_path_factory.mktemp("server-svdiff-cache")
+    server.start(env={"SVDIFF_CACHE_DIR": str(server.svdiff_cache)})
     sys.__stderr__.write(f"\n[comfy_server] ComfyUI started at {server.url} in {server.startup_seconds:.1f} s\n")
     yield server
     server.stop()

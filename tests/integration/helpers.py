@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from comfyui_svdiff.svdiff.shift import SpectralShift, parse_key
+from support import tiny_models
 
 
 def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
@@ -118,3 +119,148 @@ def ksampler(model, positive, negative, latent, seed=1, steps=1, cfg=1.0) -> dic
     inputs = {"model": list(model), "positive": list(positive), "negative": list(negative), "latent_image": list(latent)}
     inputs.update(seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
     return {"class_type": "KSampler", "inputs": inputs}
+
+
+def train_prompt(ckpt, folder, **overrides):
+    inputs = {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
+        "steps": 3, "learning_rate": 1e-3, "learning_rate_1d": 1e-6, "layers": "UNet-CA-KV", "name_patterns": "", "rank": 0,
+        "prior_weight": 1.0, "class_prompt": "photo of a dog", "num_class_images": 2, "batch_size": 1, "grad_accumulation": 1,
+        "optimizer": "AdamW", "warmup_steps": 0, "max_grad_norm": 1.0, "random_flip": True, "gradient_checkpointing": False,
+        "seed": 4, "save_every": 2, "filename_prefix": "tests/dog", "resume_from": "[none]", "save_on_cancel": True,
+        "preview_every": 2, "preview_prompt": "", "train_text_encoder": False, "learning_rate_text": 1e-4,
+    }  # fmt: skip
+    inputs.update(overrides)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {
+            "class_type": "SVDiffDatasetFromFolder",
+            "inputs": {
+                "folder": folder,
+                "resolution": 64,
+                "default_caption": "sks dog",
+                "trigger_word": "sks",
+                "caption_extension": ".txt",
+            },
+        },
+        "3": {"class_type": "SVDiffTrain", "inputs": inputs},
+    }
+
+
+def edit_prompt(ckpt, *, alpha=0.0, eta=0.5, denoise=1.0, latent_from="4", steps=4, noise_latent=("5", 0)):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a crown with a blue diamond"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x3366AA}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {
+            "class_type": "SVDiffDDIMInversion",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "latent": [latent_from, 0],
+                "sigmas": ["6", 0],
+                "cfg": 1.0,
+                "refine_iterations": 1,
+            },
+        },
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps, "denoise": denoise}},
+        "7": {"class_type": "SVDiffInvertedNoise", "inputs": {"inverted_latent": list(noise_latent), "noise_seed": 1, "alpha": alpha}},
+        "8": {"class_type": "SVDiffDDIMSampler", "inputs": {"eta": eta, "s_noise": 1.0}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a crown"}},
+        "10": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 0], "cfg": 1.0}},
+        "11": {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {"noise": ["7", 0], "guider": ["10", 0], "sampler": ["8", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]},
+        },
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
+    }
+
+
+def cd_train_prompt(ckpt, folders, **overrides):
+    inputs = {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "regularization": ["3", 0],
+        "deltas": "K/V weights (Custom Diffusion)", "steps": 3, "learning_rate": 1e-3, "learning_rate_spectral": 1e-3,
+        "modifier_token": "<new1>", "initializer_token": "42170", "learning_rate_token": 1e-2, "augmentation": "auto",
+        "augment_variants": 2, "prior_weight": 1.0, "class_prompt": "", "num_class_images": 0, "batch_size": 1,
+        "random_flip": True, "seed": 3, "filename_prefix": "cd_test", "overwrite": False,
+    }  # fmt: skip
+    inputs.update(overrides)
+
+    def folder(name, trigger):
+        inputs = {"folder": name, "resolution": 64, "default_caption": "", "trigger_word": trigger, "caption_extension": ".txt"}
+        return {"class_type": "SVDiffDatasetFromFolder", "inputs": inputs}
+
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": folder(folders[0], "<new1>"),
+        "3": folder(folders[1], ""),
+        "4": {"class_type": "SVDiffTrainCustomDiffusion", "inputs": inputs},
+    }
+
+
+CANARY_TEXT = "canary: a lighthouse on a cliff at dusk"
+
+
+def canary_prompt(ckpt: str, index: int, tag: str) -> dict:
+    """Sampling without noise from the shared checkpoint: a pure function of its weights.
+
+    ``noise_seed`` changes nothing (add_noise is off) but makes every canary a new
+    prompt, so the sampler and the text encoder run again on the cached MODEL/CLIP."""
+    return {
+        "c1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "c2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c1", 1], "text": CANARY_TEXT}},
+        "c3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "c4": {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                "model": ["c1", 0],
+                "positive": ["c2", 0],
+                "negative": ["c2", 0],
+                "latent_image": ["c3", 0],
+                "add_noise": "disable",
+                "noise_seed": index,
+                "steps": 2,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "start_at_step": 0,
+                "end_at_step": 10000,
+                "return_with_leftover_noise": "disable",
+            },
+        },  # fmt: skip
+        "c5": {"class_type": "SaveLatent", "inputs": {"samples": ["c4", 0], "filename_prefix": f"canary/{tag}_{index:03}"}},
+    }
+
+
+def canary_latent(server, ckpt: str, index: int, tag: str) -> torch.Tensor:
+    """Run :func:`canary_prompt` through a real server and read its latent from disk."""
+    from safetensors.torch import load_file
+
+    from support.server import error_of
+
+    entry = server.run(canary_prompt(ckpt, index, tag), timeout=300)
+    assert error_of(entry) is None, error_of(entry)
+    (path,) = (server.output_dir / "canary").glob(f"{tag}_{index:03}_*.latent")
+    return load_file(str(path))["latent_tensor"]
+
+
+def tiny_examples(arch, count=3, seed=0, size=8):
+    from comfyui_svdiff.svdiff import comfy_training
+
+    c = tiny_models.latent_channels(arch)
+    g = torch.Generator().manual_seed(seed)
+    return [
+        comfy_training.Example(torch.randn(1, c, size, size, generator=g), 0, torch.randn(1, c, size, size, generator=g))
+        for _ in range(count)
+    ]
+
+
+def train_tiny(model, clip, config, instance=None, prior=None, **kwargs):
+    from comfyui_svdiff.svdiff import comfy_training
+
+    arch = type(model.model.model_config).__name__
+    positive = tiny_models.encode_prompt(clip, "photo of a sks dog") + tiny_models.encode_prompt(clip, "photo of a dog")
+    instance = instance if instance is not None else tiny_examples("Flux" if arch == "Flux" else "SD15")
+    return comfy_training.train(model, positive, instance, prior or [], config, architecture=arch, **kwargs)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from comfyui_svdiff.svdiff.fileformat import read_shift
 from comfyui_svdiff.svdiff.shift import SpectralShift
-from integration.helpers import patched_state_dict
+from integration.helpers import cd_train_prompt, patched_state_dict
 
 pytestmark = pytest.mark.integration
 
@@ -43,28 +43,6 @@ def cat_folders(comfy_handle):
     return "cd_cat", "cd_regs"
 
 
-def _train_prompt(ckpt, folders, **overrides):
-    inputs = {
-        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "regularization": ["3", 0],
-        "deltas": "K/V weights (Custom Diffusion)", "steps": 3, "learning_rate": 1e-3, "learning_rate_spectral": 1e-3,
-        "modifier_token": "<new1>", "initializer_token": "42170", "learning_rate_token": 1e-2, "augmentation": "auto",
-        "augment_variants": 2, "prior_weight": 1.0, "class_prompt": "", "num_class_images": 0, "batch_size": 1,
-        "random_flip": True, "seed": 3, "filename_prefix": "cd_test", "overwrite": False,
-    }  # fmt: skip
-    inputs.update(overrides)
-
-    def folder(name, trigger):
-        inputs = {"folder": name, "resolution": 64, "default_caption": "", "trigger_word": trigger, "caption_extension": ".txt"}
-        return {"class_type": "SVDiffDatasetFromFolder", "inputs": inputs}
-
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": folder(folders[0], "<new1>"),
-        "3": folder(folders[1], ""),
-        "4": {"class_type": "SVDiffTrainCustomDiffusion", "inputs": inputs},
-    }
-
-
 def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embedding(comfy_handle, tiny_checkpoint, cat_folders, monkeypatch):
     import comfy.sd
     import comfy.utils
@@ -72,7 +50,7 @@ def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embeddi
     from comfyui_svdiff.nodes import routes
 
     monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
-    result = comfy_handle.run_prompt(_train_prompt(tiny_checkpoint, cat_folders), fresh_executor=True, timeout=900)
+    result = comfy_handle.run_prompt(cd_train_prompt(tiny_checkpoint, cat_folders), fresh_executor=True, timeout=900)
     assert result.success, result.error_message
     text = result.output("4")["text"][0]
     assert "embedding:cd_test" in text and "6 augmented examples" in text  # 3 images × 2 variants
@@ -130,7 +108,7 @@ def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embeddi
     assert (cond_embedding[0] - cond_plain[0]).abs().max() > 10 * tolerance
 
     # Never overwrite silently: a second run numbers both files together.
-    again = comfy_handle.run_prompt(_train_prompt(tiny_checkpoint, cat_folders, seed=4), fresh_executor=True, timeout=900)
+    again = comfy_handle.run_prompt(cd_train_prompt(tiny_checkpoint, cat_folders, seed=4), fresh_executor=True, timeout=900)
     assert again.success, again.error_message
     assert (comfy_handle.model_dir("loras") / "cd_test_00001.safetensors").is_file()
     assert (comfy_handle.model_dir("embeddings") / "cd_test_00001.safetensors").is_file()
@@ -141,7 +119,7 @@ def test_spectral_deltas_on_the_same_data_for_comparison(comfy_handle, tiny_chec
     from comfyui_svdiff.nodes import routes
 
     monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
-    prompt = _train_prompt(
+    prompt = cd_train_prompt(
         tiny_checkpoint, cat_folders, deltas="K/V spectral shifts (SVDiff)", filename_prefix="cd_spectral", modifier_token=""
     )
     result = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=900)
@@ -163,7 +141,7 @@ def test_spectral_deltas_on_the_same_data_for_comparison(comfy_handle, tiny_chec
     ],
 )
 def test_training_refusals_name_the_input(comfy_handle, tiny_checkpoint, cat_folders, overrides, message):
-    result = comfy_handle.run_prompt(_train_prompt(tiny_checkpoint, cat_folders, **overrides), fresh_executor=True, timeout=300)
+    result = comfy_handle.run_prompt(cd_train_prompt(tiny_checkpoint, cat_folders, **overrides), fresh_executor=True, timeout=300)
     assert not result.success
     assert message in (result.error_message or ""), result.error_message
 
@@ -330,6 +308,9 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
 
     model, clip = merge_setup
     cat, dog = _concepts(model)
+    # A share of the shipped captions keeps this test of the node chain short (the math
+    # with all of them is checked above; a merge with no captions is in the bad-input matrix).
+    captions = comfy_merge.builtin_captions()[::10]
     for concept in (cat, dog):
         write_shift(
             comfy_handle.model_dir("loras") / f"kv_{concept.deltas.name}.safetensors", concept.deltas, precision="fp32", overwrite=True
@@ -340,20 +321,16 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
         "3": {"class_type": "SVDiffLoadKVDeltas", "inputs": {"deltas_name": "kv_dog.safetensors"}},
         "4": {"class_type": "SVDiffConcept", "inputs": {"deltas": ["2", 0], "token": "embedding:t_cat", "class_word": "cat", "prompts": "{token} {class}\na photo of {token} {class}"}},
         "5": {"class_type": "SVDiffConcept", "inputs": {"deltas": ["3", 0], "token": "embedding:t_dog", "class_word": "dog", "prompts": "{token} {class}\na photo of {token} {class}", "concepts": ["4", 0]}},
-        "6": {"class_type": "SVDiffMergeConcepts", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["5", 0], "builtin_captions": True, "extra_captions": "", "filename_prefix": "merged_pets"}},
+        "6": {"class_type": "SVDiffMergeConcepts", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["5", 0], "builtin_captions": False, "extra_captions": "\n".join(captions), "filename_prefix": "merged_pets"}},
     }  # fmt: skip
     result = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=600)
     assert result.success, result.error_message
     text = result.output("6")["text"][0]
     assert "merged" in text and "saved models/loras/merged_pets.safetensors" in text
-    _, patches, _ = comfy_merge.merge_concepts(model, clip, [cat, dog], comfy_merge.builtin_captions())
+    _, patches, _ = comfy_merge.merge_concepts(model, clip, [cat, dog], captions)
     raw = comfy.utils.load_torch_file(str(comfy_handle.model_dir("loras") / "merged_pets.safetensors"), safe_load=True)
     loaded, _ = comfy.sd.load_lora_for_models(model, None, raw, 1.0, 0.0)
     weights = patched_state_dict(loaded)
     base = patched_state_dict(model)
     for key, delta in patches.items():
         assert torch.allclose(weights[key].float() - base[key].float(), delta, atol=2e-3 * float(delta.abs().max()) + 1e-6), key
-    # Bad input through the executor: no captions at all.
-    prompt["6"]["inputs"].update(builtin_captions=False, extra_captions="  \n ", filename_prefix="")
-    failed = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=300)
-    assert not failed.success and "regularization captions: the list is empty" in (failed.error_message or "")

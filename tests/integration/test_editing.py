@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from integration.helpers import edit_prompt
 from support import tiny_models
 
 pytestmark = pytest.mark.integration
@@ -189,58 +190,7 @@ def test_inversion_refuses_mismatched_latents(comfy):
 # Through ComfyUI's executor
 
 
-def edit_prompt(ckpt, *, alpha=0.0, eta=0.5, denoise=1.0, latent_from="4", steps=4, noise_latent=("5", 0)):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a crown with a blue diamond"}},
-        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x3366AA}},
-        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
-        "5": {
-            "class_type": "SVDiffDDIMInversion",
-            "inputs": {
-                "model": ["1", 0],
-                "positive": ["2", 0],
-                "latent": [latent_from, 0],
-                "sigmas": ["6", 0],
-                "cfg": 1.0,
-                "refine_iterations": 1,
-            },
-        },
-        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": steps, "denoise": denoise}},
-        "7": {"class_type": "SVDiffInvertedNoise", "inputs": {"inverted_latent": list(noise_latent), "noise_seed": 1, "alpha": alpha}},
-        "8": {"class_type": "SVDiffDDIMSampler", "inputs": {"eta": eta, "s_noise": 1.0}},
-        "9": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a crown"}},
-        "10": {"class_type": "CFGGuider", "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 0], "cfg": 1.0}},
-        "11": {
-            "class_type": "SamplerCustomAdvanced",
-            "inputs": {"noise": ["7", 0], "guider": ["10", 0], "sampler": ["8", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]},
-        },
-        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
-        "13": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
-    }
-
-
 def test_edit_workflow_runs_in_comfyui(comfy_handle, tiny_checkpoint):
     result = comfy_handle.run_prompt(edit_prompt(tiny_checkpoint, alpha=0.3, eta=0.5), fresh_executor=True)
     assert result.success, result.error_message
     assert len(result.output("13")["images"]) == 1
-
-
-def test_edit_nodes_name_bad_inputs(comfy_handle, tiny_checkpoint):
-    # steps = 0: BasicScheduler with denoise 0 gives an empty schedule
-    result = comfy_handle.run_prompt(edit_prompt(tiny_checkpoint, denoise=0.0), fresh_executor=True)
-    assert "sigmas holds 0 value(s)" in result.exception_message and result.error_node_id == "5"
-    # an empty latent instead of the encoded image
-    prompt = edit_prompt(tiny_checkpoint, latent_from="20")
-    prompt["20"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    result = comfy_handle.run_prompt(prompt, fresh_executor=True)
-    assert "latent is all zeros" in result.exception_message
-    # an ordinary latent where the inverted one belongs
-    result = comfy_handle.run_prompt(edit_prompt(tiny_checkpoint, noise_latent=("4", 0)), fresh_executor=True)
-    assert "inverted_latent does not come from DDIM Inversion" in result.exception_message
-    # α and η outside their ranges are refused before anything runs, naming the input
-    for prompt, name in ((edit_prompt(tiny_checkpoint, alpha=1.5), "alpha"), (edit_prompt(tiny_checkpoint, eta=-0.5), "eta")):
-        result = comfy_handle.run_prompt(prompt, fresh_executor=True)
-        assert not result.valid and name in result.error_message
-    # and the server keeps serving
-    assert comfy_handle.run_prompt(edit_prompt(tiny_checkpoint), fresh_executor=True).success

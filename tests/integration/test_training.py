@@ -7,30 +7,10 @@ import torch
 
 from comfyui_svdiff.svdiff.apply import apply_shift
 from comfyui_svdiff.svdiff.training.config import TrainConfig
-from integration.helpers import base_state
+from integration.helpers import base_state, tiny_examples, train_tiny
 from support import tiny_models
 
 pytestmark = pytest.mark.integration
-
-
-def _examples(arch, count=3, seed=0, size=8):
-    from comfyui_svdiff.svdiff import comfy_training
-
-    c = tiny_models.latent_channels(arch)
-    g = torch.Generator().manual_seed(seed)
-    return [
-        comfy_training.Example(torch.randn(1, c, size, size, generator=g), 0, torch.randn(1, c, size, size, generator=g))
-        for _ in range(count)
-    ]
-
-
-def _train(model, clip, config, instance=None, prior=None, **kwargs):
-    from comfyui_svdiff.svdiff import comfy_training
-
-    arch = type(model.model.model_config).__name__
-    positive = tiny_models.encode_prompt(clip, "photo of a sks dog") + tiny_models.encode_prompt(clip, "photo of a dog")
-    instance = instance if instance is not None else _examples("Flux" if arch == "Flux" else "SD15")
-    return comfy_training.train(model, positive, instance, prior or [], config, architecture=arch, **kwargs)
 
 
 @pytest.mark.parametrize("arch", ["SD15", "SD21v", "SDXL", "Flux"])
@@ -67,9 +47,9 @@ def test_training_lowers_the_loss_and_leaves_the_input_untouched(build):
     model, clip = build("SD15")
     before = base_state(model)
     patches_before = {k: list(v) for k, v in model.patches.items()}
-    one = _examples("SD15", count=1)
+    one = tiny_examples("SD15", count=1)
     config = TrainConfig(steps=30, lr_spectral=3e-2, lr_1d=1e-3, prior_weight=0.0, flip=False, seed=3, max_grad_norm=0)
-    result = _train(model, clip, config, instance=one)
+    result = train_tiny(model, clip, config, instance=one)
     assert result.steps == 30 and len(result.losses) == 30
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
@@ -84,12 +64,12 @@ def test_training_lowers_the_loss_and_leaves_the_input_untouched(build):
 def test_same_seed_gives_bit_identical_shifts(build):
     model, clip = build("SD15")
     config = TrainConfig(steps=4, lr_spectral=1e-2, prior_weight=0.0, seed=11)
-    a = _train(model, clip, config).shift
-    b = _train(model, clip, config).shift
+    a = train_tiny(model, clip, config).shift
+    b = train_tiny(model, clip, config).shift
     assert a.tensors.keys() == b.tensors.keys()
     for key in a.tensors:
         assert torch.equal(a.tensors[key], b.tensors[key]), key
-    c = _train(model, clip, TrainConfig(steps=4, lr_spectral=1e-2, prior_weight=0.0, seed=12)).shift
+    c = train_tiny(model, clip, TrainConfig(steps=4, lr_spectral=1e-2, prior_weight=0.0, seed=12)).shift
     assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
 
 
@@ -99,10 +79,10 @@ def test_resume_continues_exactly(build):
 
     model, clip = build("SD15")
     config = TrainConfig(steps=5, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=5)
-    straight = _train(model, clip, config)
-    first = _train(model, clip, TrainConfig(steps=3, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=5))
+    straight = train_tiny(model, clip, config)
+    first = train_tiny(model, clip, TrainConfig(steps=3, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=5))
     first.shift.metadata["svdiff.training"] = json.dumps({"steps": first.steps, "losses": first.losses})
-    resumed = _train(model, clip, config, resume=first.shift, optimizer_state=first.optimizer_state)
+    resumed = train_tiny(model, clip, config, resume=first.shift, optimizer_state=first.optimizer_state)
     assert resumed.steps == 5
     for key in straight.shift.tensors:
         torch.testing.assert_close(resumed.shift.tensors[key], straight.shift.tensors[key], rtol=0, atol=1e-7)
@@ -115,14 +95,14 @@ def test_trained_layers_and_the_inference_patch_agree(build, arch):
     training computed: compare the loss of one fixed batch both ways."""
 
     model, clip = build(arch)
-    examples = _examples("SD15", count=1, seed=4)
+    examples = tiny_examples("SD15", count=1, seed=4)
     config = TrainConfig(steps=3, lr_spectral=5e-2, lr_1d=1e-2, prior_weight=0.0, seed=2, flip=False)
-    result = _train(model, clip, config, instance=examples)
+    result = train_tiny(model, clip, config, instance=examples)
     # Evaluate the loss at step index 3 (a fresh random draw) with the trained δ, via
     # a zero-learning-rate continuation: the loss recorded there uses the training forms.
     probe = TrainConfig(steps=4, lr_spectral=1e-12, lr_1d=1e-12, prior_weight=0.0, seed=2, flip=False, max_grad_norm=0)
     result.shift.metadata["svdiff.training"] = '{"steps": 3}'
-    continued = _train(model, clip, probe, instance=examples, resume=result.shift)
+    continued = train_tiny(model, clip, probe, instance=examples, resume=result.shift)
     training_loss = continued.losses[-1]
     # The same draw against the patched model, computed directly.
     patched, _, _ = apply_shift(model, None, result.shift, 1.0, 0.0)
@@ -162,7 +142,7 @@ def _loss_at(model, clip, examples, seed, step):
 
 
 @pytest.mark.parametrize("arch", ["SD21v", "SDXL", "Flux"])
-def test_other_architectures_train(build, arch):
+def test_other_architecturestrain_tiny(build, arch):
     model, clip = build(arch)
     c = tiny_models.latent_channels(arch)
     from comfyui_svdiff.svdiff import comfy_training
@@ -170,7 +150,7 @@ def test_other_architectures_train(build, arch):
     g = torch.Generator().manual_seed(0)
     instance = [comfy_training.Example(torch.randn(1, c, 8, 8, generator=g), 0) for _ in range(2)]
     prior = [comfy_training.Example(torch.randn(1, c, 8, 8, generator=g), 1) for _ in range(2)]
-    result = _train(model, clip, TrainConfig(steps=3, prior_weight=1.0, seed=1), instance=instance, prior=prior)
+    result = train_tiny(model, clip, TrainConfig(steps=3, prior_weight=1.0, seed=1), instance=instance, prior=prior)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     new_model, _, report = apply_shift(model, None, result.shift, 1.0, 0.0)
     assert report.model_layers > 0
@@ -183,14 +163,14 @@ def test_refuses_a_model_that_already_carries_patches(build):
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     with pytest.raises(ValueError, match="already carries patches"):
-        _train(patched, clip, TrainConfig(steps=1, prior_weight=0.0))
+        train_tiny(patched, clip, TrainConfig(steps=1, prior_weight=0.0))
 
 
 def test_gradient_checkpointing_gives_the_same_shift(build):
     model, clip = build("SD15")
     config = TrainConfig(steps=3, lr_spectral=1e-2, prior_weight=0.0, seed=9)
-    plain = _train(model, clip, config).shift
-    checkpointed = _train(model, clip, config, gradient_checkpointing=True).shift
+    plain = train_tiny(model, clip, config).shift
+    checkpointed = train_tiny(model, clip, config, gradient_checkpointing=True).shift
     for key in plain.tensors:
         torch.testing.assert_close(checkpointed.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
 
@@ -205,7 +185,7 @@ def test_text_encoder_training(build, arch):
     positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
     config = TrainConfig(steps=3, lr_spectral=1e-2, lr_text=1e-2, prior_weight=0.0, seed=1, train_text_encoder=True)
     result = comfy_training.train(
-        model, positive, _examples("SD15", count=2), [], config, architecture=arch, clip=clip, captions=["photo of a sks dog"]
+        model, positive, tiny_examples("SD15", count=2), [], config, architecture=arch, clip=clip, captions=["photo of a sks dog"]
     )
     text_keys = [k for k in result.shift.tensors if k.startswith("text_encoders.")]
     assert len(text_keys) >= 10 and all(float(result.shift.tensors[k].abs().sum()) > 0 for k in text_keys)

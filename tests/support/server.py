@@ -135,12 +135,26 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self.get_json("/object_info", timeout=120)
 
-    def queue(self, prompt: dict, client_id: str = "svdiff-tests") -> str:
+    def submit(self, prompt: dict, client_id: str = "svdiff-tests") -> tuple[int, dict]:
+        """POST /prompt as the UI does: (HTTP status, answer); 400 carries the validation errors."""
         status, body = self.request("/prompt", {"prompt": prompt, "client_id": client_id})
-        answer = json.loads(body)
+        return status, json.loads(body)
+
+    def queue(self, prompt: dict, client_id: str = "svdiff-tests") -> str:
+        status, answer = self.submit(prompt, client_id)
         if status != 200:
             raise ServerError(f"POST /prompt refused the prompt (HTTP {status}): {json.dumps(answer)[:3000]}")
         return answer["prompt_id"]
+
+    def interrupt(self) -> None:
+        """The UI's cancel button (POST /interrupt)."""
+        status, body = self.request("/interrupt", {})
+        if status != 200:
+            raise ServerError(f"POST /interrupt: HTTP {status}: {body[:300]!r}")
+
+    def running(self) -> list[str]:
+        """Ids of the prompts the server is executing now (GET /queue)."""
+        return [item[1] for item in self.get_json("/queue")["queue_running"]]
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
         """The /history entry of a finished prompt (raises if it does not finish)."""
@@ -151,7 +165,7 @@ class ComfyServer:
                 return history[prompt_id]
             if not self.alive():
                 raise ServerError(f"the server died while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 600.0) -> dict:
