@@ -97,8 +97,8 @@ class LayerMerge:
 
 def merge_layer(system: MergeSystem, base: torch.Tensor, outputs: torch.Tensor) -> LayerMerge:
     """Merged weight of one layer: ``base`` W₀ (o × d), ``outputs`` V (o × s)."""
-    w0 = base.to(torch.float64)
-    v = outputs.to(torch.float64)
+    w0 = base.detach().to(torch.float64)
+    v = outputs.detach().to(torch.float64)
     if v.shape != (w0.shape[0], system.targets.shape[0]):
         raise ValueError(f"outputs of shape {tuple(v.shape)} for a {tuple(w0.shape)} weight and {system.targets.shape[0]} targets")
     change = (v - w0 @ system.targets.T) @ system.projector
