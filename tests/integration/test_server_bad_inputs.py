@@ -56,7 +56,7 @@ def _shift_tensors(good: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
 
 
-def _make_files(server, model, clip, sdxl_model, sdxl_clip) -> dict[str, str]:
+def _make_files(server, model, clip, sdxl_model, sdxl_clip) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import headless
 
@@ -121,7 +121,6 @@ def _make_files(server, model, clip, sdxl_model, sdxl_clip) -> dict[str, str]:
     )
     image_folder("bad_zwx", {"z.png": Image.new("RGB", (64, 64), (30, 90, 160))}, caption="photo of zwx sculpture")
     image_folder("bad_no_trigger", {"a.png": Image.new("RGB", (64, 64), (90, 90, 90))}, caption="photo of a dog")
-    return {"good": "bad_good.safetensors"}
 
 
 # ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ TAG = "faults"
 
 
 @pytest.fixture(scope="module")
-def setup(comfy_server, comfy_handle, tiny_checkpoint):
+def baseline(comfy_server, comfy_handle, tiny_checkpoint):
     import comfy.sd
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -50,12 +50,12 @@ def setup(comfy_server, comfy_handle, tiny_checkpoint):
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text("photo of a sks dog")
-    return {"baseline": canary_latent(comfy_server, tiny_checkpoint, 0, TAG), "next": [1]}
+    return {"latent": canary_latent(comfy_server, tiny_checkpoint, 0, TAG), "next": [1]}
 
 
-def _canary(server, ckpt, setup) -> torch.Tensor:
-    index = setup["next"][-1]
-    setup["next"].append(index + 1)
+def _canary(server, ckpt, baseline) -> torch.Tensor:
+    index = baseline["next"][-1]
+    baseline["next"].append(index + 1)
     return canary_latent(server, ckpt, index, TAG)
 
 
@@ -91,7 +91,7 @@ def _train(ckpt, **overrides):
     return train_prompt(ckpt, "faults_data", **{**defaults, **overrides})
 
 
-def test_cancel_during_training(comfy_server, tiny_checkpoint, setup):
+def test_cancel_during_training(comfy_server, tiny_checkpoint, baseline):
     server = comfy_server
     entry, log = _cancel_after(server, _train(tiny_checkpoint, steps=100000, filename_prefix="faults/long"), "SVDiff: training", 3.0)
     assert _interrupted(entry), entry["status"]
@@ -100,13 +100,13 @@ def test_cancel_during_training(comfy_server, tiny_checkpoint, setup):
     saved = read_shift(folder / "long_cancelled.safetensors")  # the snapshot is complete and valid
     assert 0 < json.loads(saved.metadata["svdiff.training"])["steps"] < 100000
     assert not (folder / "long.safetensors").exists() and not _temporaries(server)
-    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, setup), setup["baseline"])
+    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, baseline), baseline["latent"])
     after = server.run(_train(tiny_checkpoint, steps=1, filename_prefix="faults/after"), timeout=600)
     assert error_of(after) is None, error_of(after)
     assert (folder / "after.safetensors").is_file()
 
 
-def test_cancel_during_prior_generation(comfy_server, tiny_checkpoint, setup):
+def test_cancel_during_prior_generation(comfy_server, tiny_checkpoint, baseline):
     server = comfy_server
     prompt = _train(
         tiny_checkpoint, steps=1, prior_weight=1.0, num_class_images=1000, class_prompt="photo of a dog", filename_prefix="faults/prior"
@@ -118,7 +118,7 @@ def test_cancel_during_prior_generation(comfy_server, tiny_checkpoint, setup):
     assert "SVDiff: training" not in log  # cancelled before training began
     assert not list((server.models("spectral_shifts") / "faults").glob("prior*"))
     assert set(priors.glob("*")) == cached and not _temporaries(server)  # no partial prior cache entry
-    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, setup), setup["baseline"])
+    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, baseline), baseline["latent"])
     small = _train(
         tiny_checkpoint, steps=1, prior_weight=1.0, num_class_images=1, class_prompt="photo of a dog", filename_prefix="faults/prior_ok"
     )
@@ -126,14 +126,14 @@ def test_cancel_during_prior_generation(comfy_server, tiny_checkpoint, setup):
     assert error_of(done) is None, error_of(done)
 
 
-def test_cancel_during_inversion(comfy_server, tiny_checkpoint, setup):
+def test_cancel_during_inversion(comfy_server, tiny_checkpoint, baseline):
     server = comfy_server
     prompt = edit_prompt(tiny_checkpoint, steps=3000)
     prompt["13"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "faults/edit"}}
     entry, log = _cancel_after(server, prompt, "DDIM inversion over 3000 steps", 1.0)
     assert _interrupted(entry), entry["status"]
     assert not list(server.output_dir.glob("faults/edit*"))
-    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, setup), setup["baseline"])
+    assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, baseline), baseline["latent"])
     prompt = edit_prompt(tiny_checkpoint, steps=3)
     prompt["13"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "faults/edit_ok"}}
     done = server.run(prompt, timeout=600)
@@ -191,7 +191,7 @@ def _latent(server, label: str, index: int) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"]
 
 
-def test_queued_prompts_with_different_shifts_never_see_each_others_patches(comfy_server, tiny_checkpoint, setup):
+def test_queued_prompts_with_different_shifts_never_see_each_others_patches(comfy_server, tiny_checkpoint, baseline):
     server = comfy_server
     reference = {}
     for label in SHIFTS:
@@ -217,4 +217,4 @@ def test_queued_prompts_with_different_shifts_never_see_each_others_patches(comf
             assert torch.equal(_latent(server, "dual_b", index), reference["b"]), index
         else:
             assert torch.equal(_latent(server, label, index), reference[label]), (label, index)
-    assert torch.equal(_canary(server, tiny_checkpoint, setup), setup["baseline"])
+    assert torch.equal(_canary(server, tiny_checkpoint, baseline), baseline["latent"])
