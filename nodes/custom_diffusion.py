@@ -162,8 +162,6 @@ class SVDiffTrainCustomDiffusion(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, deltas, steps, learning_rate, learning_rate_spectral, modifier_token, initializer_token,
                 learning_rate_token, augmentation, augment_variants, prior_weight, class_prompt, num_class_images, batch_size, random_flip,
                 seed, filename_prefix, overwrite, regularization=None, class_images=None):  # fmt: skip
-        import comfy.model_management
-
         from ..svdiff import comfy_training
         from ..svdiff.training.cutmix import MultiSubjectDataset
 
@@ -240,9 +238,8 @@ class SVDiffTrainCustomDiffusion(io.ComfyNode):
                 model, positive, instance, prior, config, on_step=on_step, progress=comfy_training_progress(node_id),
                 architecture=architecture, metadata=metadata, clip=clip, captions=all_captions,
             )  # fmt: skip
-        finally:
+        finally:  # train() itself restores the shared model, whatever happened
             stream.flush(latest.get("step", 0))
-            comfy.model_management.unload_all_models()
         stream.done(result.steps)
 
         stem, paths = _free_stem(filename_prefix, folders, overwrite)

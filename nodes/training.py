@@ -550,9 +550,8 @@ class SVDiffTrain(io.ComfyNode):
                 path = _save(shift, f"{filename_prefix}_cancelled", None)
                 log.warning("SVDiff: training cancelled at step %d; saved %s", latest["step"], path.name)
             raise
-        finally:
+        finally:  # train() itself restores the shared model, whatever happened
             stream.flush(latest.get("step", 0))
-            comfy.model_management.unload_all_models()  # restores the shared module (object patches, wrappers)
 
         stream.done(result.steps)
         shift = finish_metadata(result.shift, result.steps, result.losses)

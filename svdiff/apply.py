@@ -24,7 +24,7 @@ from .cache import DecompositionCache, content_hash, default_cache
 from .fileformat import HASH_CHARS, encode_base_hashes
 from .shift import SpectralShift, Target
 from .spectral import Decomposition
-from .targets import resolve
+from .targets import ResolvedShift, resolve
 
 log = logging.getLogger("svdiff")
 
@@ -77,9 +77,9 @@ def _shapes(patcher) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
 
 
-def check_fits(model, clip, shift: SpectralShift) -> None:
-    """Raise :class:`ShiftMismatchError` unless every key of ``shift`` fits ``model``/``clip``."""
-    resolve(
+def check_fits(model, clip, shift: SpectralShift) -> ResolvedShift:
+    """Every key of ``shift`` matched to ``model``/``clip``, or :class:`ShiftMismatchError`."""
+    return resolve(
         shift,
         _shapes(model) if model is not None else None,
         _shapes(clip.patcher) if clip is not None else None,
@@ -115,12 +115,7 @@ def prepare(
     patcher is touched.
     """
     cache = cache or default_cache()
-    resolved = resolve(
-        shift,
-        _shapes(model) if model is not None else None,
-        _shapes(clip.patcher) if clip is not None else None,
-        component_architecture(model) if model is not None else None,
-    )
+    resolved = check_fits(model, clip, shift)
     report.skipped_clip = len(resolved.skipped_clip)
     if resolved.skipped_clip:
         report.notes.append(f"{len(resolved.skipped_clip)} text-encoder tensors not applied: no CLIP connected")

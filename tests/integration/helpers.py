@@ -121,6 +121,30 @@ def ksampler(model, positive, negative, latent, seed=1, steps=1, cfg=1.0) -> dic
     return {"class_type": "KSampler", "inputs": inputs}
 
 
+def noiseless_sampler(model, positive, negative, latent, noise_seed: int, steps: int = 2) -> dict:
+    """KSamplerAdvanced without added noise: the result depends on the weights only, and
+    ``noise_seed`` (unused) makes a prompt new to ComfyUI's cache so it runs again."""
+    inputs = {"model": list(model), "positive": list(positive), "negative": list(negative), "latent_image": list(latent)}
+    inputs.update(
+        add_noise="disable", noise_seed=noise_seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="normal",
+        start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable",
+    )  # fmt: skip
+    return {"class_type": "KSamplerAdvanced", "inputs": inputs}
+
+
+def write_image_folder(folder, count: int = 2, seed: int = 0, caption: str = "photo of a sks dog", size=(64, 64)):
+    """``count`` random RGB images with one caption file each."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
 def train_prompt(ckpt, folder, **overrides):
     inputs = {
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
@@ -212,24 +236,7 @@ def canary_prompt(ckpt: str, index: int, tag: str) -> dict:
         "c1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "c2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c1", 1], "text": CANARY_TEXT}},
         "c3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "c4": {
-            "class_type": "KSamplerAdvanced",
-            "inputs": {
-                "model": ["c1", 0],
-                "positive": ["c2", 0],
-                "negative": ["c2", 0],
-                "latent_image": ["c3", 0],
-                "add_noise": "disable",
-                "noise_seed": index,
-                "steps": 2,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "start_at_step": 0,
-                "end_at_step": 10000,
-                "return_with_leftover_noise": "disable",
-            },
-        },  # fmt: skip
+        "c4": noiseless_sampler(["c1", 0], ["c2", 0], ["c2", 0], ["c3", 0], noise_seed=index),
         "c5": {"class_type": "SaveLatent", "inputs": {"samples": ["c4", 0], "filename_prefix": f"canary/{tag}_{index:03}"}},
     }
 

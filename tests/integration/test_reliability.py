@@ -17,10 +17,8 @@ from __future__ import annotations
 import gc
 import weakref
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_svdiff.svdiff.apply import apply_shift
@@ -35,6 +33,7 @@ from integration.helpers import (
     random_shift,
     train_prompt,
     train_tiny,
+    write_image_folder,
 )
 
 pytestmark = pytest.mark.integration
@@ -178,12 +177,7 @@ def test_the_decomposition_cache_never_serves_a_stale_entry(build):
 
 @pytest.fixture(scope="module")
 def train_folder(comfy_handle):
-    folder = comfy_handle.input_dir / "svdiff_determinism"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(3)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text("photo of a sks dog")
+    write_image_folder(comfy_handle.input_dir / "svdiff_determinism", seed=3)
     return "svdiff_determinism"
 
 

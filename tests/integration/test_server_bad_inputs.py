@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from integration.helpers import canary_latent, cd_train_prompt, edit_prompt, train_prompt
+from integration.helpers import canary_latent, cd_train_prompt, edit_prompt, ksampler, train_prompt
 from support.server import error_of
 
 pytestmark = pytest.mark.integration
@@ -137,21 +137,7 @@ def loader_prompt(ckpt: str, shift: str, strength: float = 1.0) -> dict:
         },
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "photo of a sks dog"}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "positive": ["3", 0],
-                "negative": ["3", 0],
-                "latent_image": ["4", 0],
-                "seed": 1,
-                "steps": 1,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-            },
-        },  # fmt: skip
+        "5": ksampler(["2", 0], ["3", 0], ["3", 0], ["4", 0], seed=1, steps=1, cfg=1.0),
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "bad/loader"}},
     }
 

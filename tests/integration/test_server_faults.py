@@ -16,14 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_svdiff.svdiff.fileformat import read_shift
-from integration.helpers import canary_latent, edit_prompt, train_prompt
+from integration.helpers import canary_latent, edit_prompt, noiseless_sampler, train_prompt, write_image_folder
 from support.server import error_of
 
 pytestmark = pytest.mark.integration
@@ -44,12 +42,7 @@ def baseline(comfy_server, comfy_handle, tiny_checkpoint):
     folder = comfy_server.models("spectral_shifts")
     for name, seed in (("conc_a", 21), ("conc_b", 22)):
         headless.write_demo_shift(folder / f"{name}.safetensors", model, clip, seed=seed)
-    data = comfy_server.input_dir / "faults_data"
-    data.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("photo of a sks dog")
+    write_image_folder(comfy_server.input_dir / "faults_data", seed=1)
     return {"latent": canary_latent(comfy_server, tiny_checkpoint, 0, TAG), "next": [1]}
 
 
@@ -156,14 +149,7 @@ def _branch(prompt: dict, ckpt_node: str, shift: str | None, label: str, index: 
         model, clip = [str(base), 0], [str(base), 1]
     prompt[str(base + 1)] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "photo of a sks dog on a beach"}}
     prompt[str(base + 2)] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    prompt[str(base + 3)] = {
-        "class_type": "KSamplerAdvanced",
-        "inputs": {
-            "model": model, "positive": [str(base + 1), 0], "negative": [str(base + 1), 0], "latent_image": [str(base + 2), 0],
-            "add_noise": "disable", "noise_seed": index, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
-            "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable",
-        },
-    }  # fmt: skip
+    prompt[str(base + 3)] = noiseless_sampler(model, [str(base + 1), 0], [str(base + 1), 0], [str(base + 2), 0], noise_seed=index)
     prompt[str(base + 4)] = {
         "class_type": "SaveLatent",
         "inputs": {"samples": [str(base + 3), 0], "filename_prefix": f"conc/{label}_{index:03}"},
