@@ -22,10 +22,18 @@ def _make_extension():
     from .svdiff import comfy_bridge
 
     class SVDiffExtension(ComfyExtension):
+        loaded = False
+
         async def on_load(self) -> None:
+            # ComfyUI ≥ v0.14 awaits on_load() after comfy_entrypoint(); earlier
+            # releases never call it, so comfy_entrypoint() does: the second call returns.
+            if self.loaded:
+                return
+            self.loaded = True
             register_model_folder()
-            comfy_bridge.register()
-            register_routes()
+            adapter = comfy_bridge.register()
+            routes = register_routes()
+            log.info("SVDiff loaded: models/spectral_shifts folder, weight adapter %s, routes %s", adapter, routes)
 
         async def get_node_list(self):
             return list(ALL_NODES)

@@ -14,7 +14,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..svdiff import fileformat
-from ..svdiff.apply import apply_shift
+from ..svdiff.apply import MODES, apply_shift
 from ..svdiff.export import export_lora
 from ..svdiff.inspection import cosine_plot, describe, magnitude_plot, to_image_tensor
 from ..svdiff.layers import layer_selector
@@ -84,12 +84,28 @@ def _strength_inputs():
     ]
 
 
-def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, node_id: str | None, input_name: str):
+def _mode_input():
+    return io.Combo.Input(
+        "mode",
+        options=list(MODES),
+        default="patch",
+        optional=True,
+        tooltip=(
+            "patch: add the change to the weights, like Load LoRA (fastest for sampling). "
+            "bypass: leave the weights untouched and correct each layer's output as it runs, like Load LoRA (Bypass); "
+            "for quantized models (fp8, GGUF) whose weights cannot be patched. Both give the same result."
+        ),
+    )
+
+
+def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, node_id: str | None, input_name: str, mode: str):
     strength_model = require_finite("strength_model", strength_model)
     strength_clip = require_finite("strength_clip", strength_clip)
     total = len(shift.tensors)
     try:
-        new_model, new_clip, report = apply_shift(model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id))
+        new_model, new_clip, report = apply_shift(
+            model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id), mode=mode
+        )
     except ShiftMismatchError as exc:
         raise ShiftMismatchError(f"{input_name}: {exc}") from None
     log.info("SVDiff applied %s", report.summary())
@@ -113,19 +129,20 @@ class SVDiffLoader(io.ComfyNode):
                     tooltip="A .safetensors spectral-shift file in models/spectral_shifts (or an svdiff-pytorch spectral_shifts.safetensors).",
                 ),
                 *_strength_inputs(),
+                _mode_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model, shift_name, strength_model, strength_clip, clip=None):
+    def fingerprint_inputs(cls, model, shift_name, strength_model, strength_clip, clip=None, mode="patch"):
         return file_fingerprint(SHIFT_FOLDER, shift_name)
 
     @classmethod
-    def execute(cls, model, shift_name, strength_model, strength_clip, clip=None):
+    def execute(cls, model, shift_name, strength_model, strength_clip, clip=None, mode="patch"):
         shift = load_shift_file(shift_name)
-        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift_name")
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift_name", mode)
         return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
 
 
@@ -163,14 +180,15 @@ class SVDiffApply(io.ComfyNode):
                 io.Clip.Input("clip", optional=True),
                 SpectralShiftType.Input("shift"),
                 *_strength_inputs(),
+                _mode_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, shift, strength_model, strength_clip, clip=None):
-        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift")
+    def execute(cls, model, shift, strength_model, strength_clip, clip=None, mode="patch"):
+        new_model, new_clip, report = _apply(model, clip, shift, strength_model, strength_clip, cls.hidden.unique_id, "shift", mode)
         return io.NodeOutput(new_model, new_clip, ui=ui.PreviewText(report.summary()))
 
 

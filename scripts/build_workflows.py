@@ -90,7 +90,7 @@ WORKFLOWS = {
                 3,
                 "SVDiffLoader",
                 [700, 120],
-                {"shift_name": "demo_dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0},
+                {"shift_name": "demo_dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "mode": "patch"},
                 {"model": (2, 0), "clip": (2, 1)},
             ),
             node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),

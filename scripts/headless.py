@@ -24,7 +24,7 @@ def start_comfy(base_dir: Path | None = None):
 
     if find_comfyui() is None:
         raise SystemExit(
-            "ComfyUI not found: set COMFYUI_PATH to a ComfyUI v0.8.0 checkout (or install this extension under ComfyUI/custom_nodes/)"
+            "ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (tested: v0.8.0, v0.33.0), or install this extension under ComfyUI/custom_nodes/"
         )
     handle = setup_comfyui(base_dir=base_dir)
     handle.register_module(import_extension())
@@ -44,7 +44,8 @@ def tiny_checkpoint() -> Path:
     """
     from support import tiny_models
 
-    path = demo_cache_dir() / "svdiff_tiny_sd15.safetensors"
+    # "_v2": files written before v0.33 support were saved with the wrong layout there.
+    path = demo_cache_dir() / "svdiff_tiny_sd15_v2.safetensors"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

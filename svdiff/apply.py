@@ -44,6 +44,7 @@ class ApplyReport:
     checked_hashes: int = 0
     base_mismatches: int = 0
     decomposed: int = 0
+    mode: str = "patch"
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -53,6 +54,8 @@ class ApplyReport:
             parts.append(f"{self.elementwise} elementwise deltas")
         if self.decomposed:
             parts.append(f"{self.decomposed} weights decomposed")
+        if self.mode != "patch":
+            parts.append(f"{self.mode} mode")
         parts.append(f"{self.seconds:.2f} s")
         return ", ".join(parts) + "".join(f"\n{note}" for note in self.notes)
 
@@ -144,6 +147,9 @@ def prepare(
     return prepared
 
 
+MODES = ("patch", "bypass")
+
+
 def apply_shift(
     model,
     clip,
@@ -152,13 +158,20 @@ def apply_shift(
     strength_clip: float,
     progress: Progress | None = None,
     cache: DecompositionCache | None = None,
+    mode: str = "patch",
 ):
     """Return ``(model', clip', report)``; inputs are never modified.
 
-    A component whose strength is 0 (or that is ``None``) is returned as given.
+    ``mode`` "patch" adds ΔW to the weights (ComfyUI's weight patches); "bypass" leaves
+    the weights alone and corrects each layer's output in a forward hook (ComfyUI's
+    bypass mode, for quantized weights). Either way, shifts already on a weight, in
+    either mode, join the new one inside one ReLU. A component whose strength is 0 (or
+    that is ``None``) is returned as given.
     """
-    from .comfy_bridge import SpectralShiftAdapter, is_spectral_patch  # ComfyUI only
+    from .comfy_bridge import install_spectral  # ComfyUI only
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}; pick one in the node")
     started = time.perf_counter()
     report = ApplyReport(shift.name)
     prepared = prepare(model, clip, shift, strength_model, strength_clip, report, progress, cache)
@@ -173,42 +186,23 @@ def apply_shift(
             new_model = model.clone()
             target_patcher = new_model
         elementwise = {}
+        spectral = {}
         for key, target in part.targets.items():
             tensor = shift.tensors[key]
             if target.kind == "spectral":
-                term = (part.strength, tensor)
-                _install_spectral(target_patcher, target.param, term, part.decompositions[key], SpectralShiftAdapter, is_spectral_patch)
+                spectral[target.param] = ((part.strength, tensor), part.decompositions[key])
             else:
                 elementwise[target.param] = ("diff", (tensor,))
+        install_spectral(target_patcher, spectral, mode)
         if elementwise:
             target_patcher.add_patches(elementwise, part.strength)
         target_patcher.patches_uuid = uuid.uuid4()
         setattr(report, f"{part.component}_layers", len(part.decompositions))
         report.elementwise += len(elementwise)
 
+    report.mode = mode
     report.seconds = time.perf_counter() - started
     return new_model, new_clip, report
-
-
-def _install_spectral(patcher, param: str, term, decomposition, adapter_cls, is_spectral_patch) -> None:
-    """Merge ``term`` with any spectral adapters already on ``param``; keep it first.
-
-    Existing adapters' patch strengths are folded into their terms so the merged
-    adapter sees Σ sᵢδᵢ inside one ReLU (eqs. 4, 5). Placing it first means ComfyUI
-    hands it the unpatched weight, whatever LoRAs come after.
-    """
-    terms: tuple = ()
-    others = []
-    found = None
-    for patch in patcher.patches.get(param, []):
-        if is_spectral_patch(patch):
-            terms += tuple((patch[0] * s, d) for s, d in patch[1].terms)
-            found = found or patch[1].decomposition
-        else:
-            others.append(patch)
-    strength, delta = term
-    adapter = adapter_cls({param}, terms + ((float(strength), delta),), decomposition or found)
-    patcher.patches[param] = [(1.0, adapter, 1.0, None, None)] + others
 
 
 def _check_base_hashes(shift: SpectralShift, targets: dict[str, Target], bases: dict[str, torch.Tensor], report: ApplyReport) -> None:

@@ -110,8 +110,13 @@ _hash_memo = _HashMemo()
 def content_hash(tensor: torch.Tensor) -> str:
     """SHA-256 hex of the tensor's dtype, shape and bytes (memoised per tensor)."""
     digest = _hash_memo.get(tensor)
-    if digest is not None:
-        return digest
+    if digest is None:
+        digest = _full_digest(tensor)
+        _hash_memo.put(tensor, digest)
+    return digest
+
+
+def _full_digest(tensor: torch.Tensor) -> str:
     data = tensor.detach()
     if data.device.type != "cpu":
         data = data.to("cpu")
@@ -121,9 +126,7 @@ def content_hash(tensor: torch.Tensor) -> str:
     if data.numel():
         # Viewing as bytes works for every dtype, including bfloat16 and float8.
         h.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    digest = h.hexdigest()
-    _hash_memo.put(tensor, digest)
-    return digest
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------

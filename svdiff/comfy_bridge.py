@@ -1,20 +1,35 @@
-"""The one place svdiff/ touches ComfyUI: the spectral-shift weight adapter.
+"""The spectral-shift weight adapters for ComfyUI: weight patches and bypass mode.
 
 Imported lazily (only inside ComfyUI). ``SpectralShiftAdapter`` is a
-``comfy.weight_adapter.WeightAdapterBase``, so ComfyUI's model patcher applies it on
-full loads and on every lowvram forward, next to LoRAs, and ``register()`` adds it
-to ComfyUI's adapter list so a shift file in models/loras also loads through the
-stock "Load LoRA" node. Registration fails soft: on a ComfyUI without the adapter
-registry it logs a warning and the SVDiff nodes keep working.
+``comfy.weight_adapter.WeightAdapterBase``: ComfyUI's model patcher applies it on full
+loads and on every lowvram forward next to LoRAs (:meth:`calculate_weight`), and its
+bypass mode (ComfyUI ≥ v0.11: "Load LoRA (Bypass)", quantized models) runs it as a
+forward hook that never touches the weight (:meth:`bypass_forward`, ``svdiff/activation.py``).
+``SpectralShiftTrain`` is the trainable counterpart for ComfyUI's "Train LoRA" node,
+with and without ``bypass_mode``. ``register()`` adds the adapter to ComfyUI's registry
+so a shift file in models/loras loads through the stock LoRA loaders; on a ComfyUI
+without the registry it logs a warning and the SVDiff nodes keep working.
+
+ComfyUI rebuilds adapters it streams to the GPU as ``type(v)(v.loaded_keys, weights)``
+(``comfy/lora.py`` ``prefetch_prepared_value``, v0.21+: dynamic VRAM and lowvram) and
+copies or deep-copies patch lists with every clone. So everything an adapter needs
+lives in ``weights = (terms, state)``: the δ tensors, which ComfyUI may move, and a
+:class:`SharedState` object it passes through untouched, which carries the
+decomposition. A rebuilt or copied adapter therefore never decomposes or hashes again.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from .cache import default_cache
+from .activation import ActivationShift, ConvGeometry, explicit_correction, input_correction, output_correction
+from .cache import content_hash, default_cache
 from .shift import SPECTRAL_SUFFIX
 from .spectral import Decomposition, spectral_update
 
@@ -28,7 +43,35 @@ except ImportError:  # ComfyUI before the weight-adapter registry (2025-04)
 else:
     _HAVE_REGISTRY = True
 
+try:
+    from comfy.weight_adapter import WeightAdapterTrainBase as _TrainBase
+except ImportError:  # ComfyUI before the trainable-adapter base class
+    _TrainBase = torch.nn.Module  # type: ignore[assignment,misc]
+
 ALGORITHM = "SVDiff"  # the name in ComfyUI's "Train LoRA" node
+
+Terms = tuple[tuple[float, torch.Tensor], ...]
+
+
+@dataclass(eq=False)
+class SharedState:
+    """What every copy of one adapter shares (ComfyUI passes unknown objects through).
+
+    ``decomposition``: of the unpatched base weight, set by the apply nodes, or on first
+    use for an adapter the stock loader made. ``outer``: ``W · V_head`` for a k×k conv
+    whose input side is the short one (bypass only; see ``activation.explicit_correction``).
+    ``forms``: the bypass factors on the compute device, one entry, freed on eject.
+    """
+
+    decomposition: Decomposition | None = None
+    key: str = "?"  # the file key (or weight) the shift is for, for messages
+    outer: torch.Tensor | None = None
+    forms: dict = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        # ComfyUI deep-copies hook patches before each use (comfy/hooks.py); a copy of
+        # this state would forget a decomposition made on first use and hash again.
+        return self
 
 
 class SpectralShiftAdapter(WeightAdapterBase):
@@ -36,23 +79,40 @@ class SpectralShiftAdapter(WeightAdapterBase):
 
     ``terms`` are ``(strength, δ)`` pairs that share one ReLU: chaining two apply
     nodes merges them into a single adapter instead of adding two clamped updates.
-    The patch strength ComfyUI passes to :meth:`calculate_weight` scales all of them
-    inside the ReLU (appendix E.3).
+    The patch strength ComfyUI passes to :meth:`calculate_weight` (or the bypass hook's
+    ``multiplier``) scales all of them inside the ReLU (appendix E.3).
 
     The update is computed from the *unpatched* weight. The apply nodes keep this
     adapter first in the weight's patch list, so the ``weight`` ComfyUI hands in is
     the unpatched one; in ComfyUI's hook path the original weight is passed
-    explicitly. ``decomposition`` is filled in by the apply nodes; when the stock
-    LoRA loader created the adapter it is looked up by content hash instead.
+    explicitly. In bypass mode the hook is kept innermost for the same reason.
     """
 
     name = "svdiff"
+    multiplier = 1.0  # set by ComfyUI's bypass hook (v0.11+) to the loader's strength
 
-    def __init__(self, loaded_keys: set[str], terms: tuple[tuple[float, torch.Tensor], ...], decomposition: Decomposition | None = None):
+    def __init__(self, loaded_keys: set[str], weights: tuple[Terms, SharedState]):
+        terms, state = weights
         self.loaded_keys = loaded_keys
-        self.terms = terms
-        self.decomposition = decomposition
-        self.weights = terms  # WeightAdapterBase declares this attribute
+        self.weights = (tuple(terms), state)
+
+    @classmethod
+    def create(
+        cls, loaded_keys: set[str], terms: Terms, decomposition: Decomposition | None = None, key: str = "?"
+    ) -> SpectralShiftAdapter:
+        return cls(loaded_keys, (terms, SharedState(decomposition, key)))
+
+    @property
+    def terms(self) -> Terms:
+        return self.weights[0]
+
+    @property
+    def state(self) -> SharedState:
+        return self.weights[1]
+
+    @property
+    def decomposition(self) -> Decomposition | None:
+        return self.state.decomposition
 
     @classmethod
     def load(
@@ -74,7 +134,7 @@ class SpectralShiftAdapter(WeightAdapterBase):
         if delta.ndim != 1 or not delta.is_floating_point():
             log.warning("ignoring '%s': a spectral shift is a float vector, got %s %s", key, delta.dtype, tuple(delta.shape))
             return None
-        return cls(loaded_keys, ((1.0, delta.to(torch.float32)),))
+        return cls.create(loaded_keys, ((1.0, delta.to(torch.float32)),), key=key)
 
     @classmethod
     def create_train(cls, weight, rank=1, alpha=1.0):
@@ -94,11 +154,24 @@ class SpectralShiftAdapter(WeightAdapterBase):
         length = max(delta.shape[0] for _, delta in self.terms)
         total = torch.zeros(length, dtype=torch.float64)
         for s, delta in self.terms:
-            total[: delta.shape[0]] += s * delta.to(torch.float64)
+            total[: delta.shape[0]] += s * delta.to(device="cpu", dtype=torch.float64)
         return total * strength
 
-    def merged_with(self, terms: tuple[tuple[float, torch.Tensor], ...], decomposition: Decomposition | None) -> SpectralShiftAdapter:
-        return SpectralShiftAdapter(set(self.loaded_keys), self.terms + terms, self.decomposition or decomposition)
+    def calculate_shape(self, key):
+        """A spectral shift never changes a weight's shape (ComfyUI ≥ v0.38 asks in lowvram loads)."""
+        return None
+
+    def _decomposition_of(self, weight: torch.Tensor, stored: torch.Tensor | None = None) -> Decomposition:
+        """The decomposition, made from ``weight`` on first use for stock-loaded shifts.
+
+        ``stored`` is the tensor ``weight`` was copied from, if any: its hash is
+        memoised by storage, a fresh copy's would be computed in full each time.
+        """
+        state = self.state
+        if state.decomposition is None:
+            digest = content_hash(stored) if stored is not None else None
+            state.decomposition = default_cache().get_or_compute(weight, digest)
+        return state.decomposition
 
     def calculate_weight(
         self,
@@ -111,15 +184,13 @@ class SpectralShiftAdapter(WeightAdapterBase):
         intermediate_dtype=torch.float32,
         original_weight=None,
     ):
-        base = weight
+        base, stored = weight, None
         if original_weight is not None and key in original_weight:
             # Hook path (comfy/model_patcher.py patch_hook_weight_to_device): the
             # running weight may already carry other patches; use the original.
             stored, convert = original_weight[key][0]
             base = convert(stored.to(device=weight.device, dtype=torch.float32, copy=True), inplace=True)
-        decomposition = self.decomposition
-        if decomposition is None:
-            decomposition = default_cache().get_or_compute(base)
+        decomposition = self._decomposition_of(base, stored)
         delta = self.total_shift(strength)
         if function is None:
             function = _identity
@@ -134,19 +205,73 @@ class SpectralShiftAdapter(WeightAdapterBase):
         weight += function(update.to(weight.dtype))
         return weight
 
+    # -- bypass mode ----------------------------------------------------------------------
 
-class SpectralShiftTrain(torch.nn.Module):
+    def bypass_forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``W' x + b`` without touching ``W`` (see ``svdiff/activation.py`` for the forms)."""
+        return self.forward_through(resolve_layer(org_forward), org_forward, x, *args, **kwargs)
+
+    def forward_through(self, layer: Layer, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer.require_activation_form(f"the spectral shift on '{self.state.key}'")
+        form = self._form(layer, x)
+        if form is None:
+            return org_forward(x, *args, **kwargs)
+        return bypass_call(form, layer, org_forward, x, args, kwargs)
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``ΔW x`` for ComfyUI's default bypass, ``g(f(x) + h(x, f(x)))``.
+
+        :meth:`bypass_forward` replaces that default (it also covers the input-side
+        form, which needs the layer run on a corrected input); ``h`` serves callers that
+        add the term themselves and needs the layer last seen by this adapter.
+        """
+        module = self._last_module() if self._last_module is not None else None
+        if module is None:
+            raise RuntimeError("SVDiff bypass: h() needs the layer; run the adapter through bypass_forward first")
+        layer = Layer(module, type(module).forward.__get__(module))
+        form = self._form(layer, x)
+        if form is None:
+            return torch.zeros_like(base_out)
+        return bypass_term(form, layer, x, base_out)
+
+    _last_module: weakref.ref | None = None
+
+    def _form(self, layer: Layer, x: torch.Tensor) -> ActivationShift | None:
+        self._last_module = weakref.ref(layer.module)
+        state = self.state
+        key = (x.device, x.dtype, float(self.multiplier))
+        if key not in state.forms:
+            decomposition = state.decomposition or self._decomposition_of(layer.base_weight())
+            outer = None
+            if decomposition.side == "right" and layer.geometry is not None and not layer.geometry.pointwise:
+                if state.outer is None:
+                    state.outer = layer.base_weight().reshape(decomposition.shape[0], -1) @ decomposition.basis[:, : decomposition.head]
+                outer = state.outer
+            form = ActivationShift.from_decomposition(
+                decomposition, self.total_shift(self.multiplier), layer.weight_shape, x.dtype, x.device, outer=outer
+            )
+            state.forms.clear()  # one device copy at a time
+            state.forms[key] = form
+        return state.forms[key]
+
+    def release_device_copies(self) -> None:
+        self.state.forms.clear()
+
+
+class SpectralShiftTrain(_TrainBase):
     """Weight wrapper ``w ↦ w + ΔW(δ)`` trained by ComfyUI's "Train LoRA" node.
 
     Its only parameter is called ``delta``, so the node's saved LoRA dict has the
     keys of format v1 (``<layer>.delta``, next to its ``.diff``/``.diff_b``) and loads
     with SVDiffLoader or the stock loader. The decomposition is made from the weight
     given at creation, or from the first weight passed in (when continuing a file).
+    With the node's ``bypass_mode`` the same δ trains through :meth:`bypass_forward`.
     """
 
     def __init__(self, delta: torch.Tensor | None, weight: torch.Tensor | None):
-        super().__init__()
+        torch.nn.Module.__init__(self)
         self.layer = None
+        self.outer = None
         if weight is not None:
             self._build(weight)
         if delta is None:
@@ -156,19 +281,41 @@ class SpectralShiftTrain(torch.nn.Module):
     def _build(self, weight: torch.Tensor) -> None:
         from .training.layers import ShiftedLayer
 
-        decomposition = default_cache().get_or_compute(weight.detach())
+        weight = _dequantized(weight.detach())
+        decomposition = default_cache().get_or_compute(weight)
         layer = ShiftedLayer(decomposition, tuple(weight.shape))
         del layer.delta  # this module's own parameter is used instead
         object.__setattr__(self, "layer", layer)
+        if decomposition.side == "right" and weight.ndim > 2 and any(s != 1 for s in weight.shape[2:]):
+            outer = weight.reshape(weight.shape[0], -1).float() @ decomposition.basis[:, : decomposition.head]
+            object.__setattr__(self, "outer", outer)
+
+    def _ready(self, like: torch.Tensor):
+        if self.layer is None:
+            self._build(like)
+        layer = self.layer
+        if layer.basis.device != like.device:
+            layer.to(like.device)
+        layer.delta = self.delta
+        return layer
 
     def __call__(self, weight):
-        if self.layer is None:
-            self._build(weight)
-        layer = self.layer
-        if layer.basis.device != weight.device:
-            layer.to(weight.device)
-        layer.delta = self.delta
+        layer = self._ready(weight)
         return weight + layer.delta_weight(weight).to(weight.dtype)
+
+    def bypass_forward(self, org_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = resolve_layer(org_forward)
+        layer.require_activation_form("the spectral shift being trained")
+        if self.layer is None:
+            self._build(layer.base_weight())
+        shifted = self._ready(x)
+        form = shifted.factors(x.dtype)
+        if self.outer is not None:
+            form = form.with_outer(self.outer.to(device=x.device, dtype=x.dtype))
+        return bypass_call(form, layer, org_forward, x, args, kwargs)
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("SpectralShiftTrain runs through bypass_forward (the input-side form needs the layer itself)")
 
     def passive_memory_usage(self):
         total = self.delta.numel() * self.delta.element_size()
@@ -183,6 +330,311 @@ class SpectralShiftTrain(torch.nn.Module):
         return self.passive_memory_usage()
 
 
+# ----------------------------------------------------------------------------------
+# The layer behind a bypass hook
+
+
+class Layer:
+    """The module a bypass hook wraps and its own (innermost) forward.
+
+    ComfyUI's ``BypassForwardHook`` and this extension's hook both keep the forward they
+    replaced in ``original_forward`` and the module in ``module``; following that chain
+    from the forward a hook was handed leads to the layer's own forward, whatever other
+    bypass adapters sit in between.
+    """
+
+    def __init__(self, module: torch.nn.Module, forward: Callable):
+        self.module = module
+        self.forward = forward
+        self.geometry = ConvGeometry.of(module) if has_activation_form(module) else None
+
+    def require_activation_form(self, what: str) -> None:
+        if not has_activation_form(self.module):
+            raise ValueError(
+                f"{what}: a {type(self.module).__name__} layer cannot take a spectral shift in bypass mode (only Linear and Conv "
+                "layers can); load the file in patch mode (Load LoRA, or Load Spectral Shift with mode 'patch', whose bypass "
+                "mode keeps such layers as weight patches)"
+            )
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.module.weight.shape)
+
+    def base_weight(self) -> torch.Tensor:
+        """The stored weight as a float tensor (dequantized), without other patches."""
+        weight = self.module.weight
+        if weight.is_meta:
+            raise RuntimeError(f"SVDiff bypass: the weight of {type(self.module).__name__} is not materialised")
+        return _dequantized(weight.detach()).float()
+
+    def bias(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The bias the layer adds, as ComfyUI's cast computes it (with its patches)."""
+        bias = getattr(self.module, "bias", None)
+        if bias is None:
+            return None
+        if bias.is_meta:
+            import comfy.ops
+
+            return comfy.ops.cast_bias_weight(self.module, like)[1]
+        functions = getattr(self.module, "bias_function", ())
+        # A copy when patches follow: ComfyUI's lowvram patch functions work in place.
+        bias = bias.to(device=like.device, dtype=like.dtype, copy=bool(functions))
+        for f in functions:
+            bias = f(bias)
+        return bias
+
+    def is_innermost(self, forward: Callable) -> bool:
+        return forward == self.forward
+
+
+def has_activation_form(module: torch.nn.Module) -> bool:
+    """Whether bypass mode can shift ``module`` (Linear and ungrouped Conv layers)."""
+    try:
+        ConvGeometry.of(module)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_layer(forward: Callable, module: torch.nn.Module | None = None) -> Layer:
+    """The :class:`Layer` behind ``forward`` (a module's bound forward or a bypass hook's).
+
+    ``module``, when the caller knows it, covers a chain that ends in something other
+    than a bound method (another custom node's object patch of ``forward``): that
+    forward is then taken as the layer's own.
+    """
+    for _ in range(64):
+        owner = getattr(forward, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            return Layer(owner, forward)
+        inner = getattr(owner, "original_forward", None)
+        if inner is None:
+            break
+        forward = inner
+    if module is not None:
+        return Layer(module, forward)
+    raise RuntimeError(f"SVDiff bypass: cannot find the layer behind {forward!r}")
+
+
+def bypass_call(form: ActivationShift, layer: Layer, org_forward: Callable, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """``org_forward(x) + ΔW x``, computed in the cheapest exact form.
+
+    ``org_forward`` may already include other bypass adapters (e.g. a LoRA loaded in
+    bypass mode before this shift); ΔW is then still taken against the bare layer.
+    """
+    geometry = layer.geometry
+    if form.side == "left" or form.outer is not None:
+        y = org_forward(x, *args, **kwargs)
+        base = y if layer.is_innermost(org_forward) else layer.forward(x, *args, **kwargs)
+        return y + bypass_term(form, layer, x, base)
+    shifted, extra = input_correction(form, x, geometry)
+    if layer.is_innermost(org_forward):
+        y = org_forward(shifted, *args, **kwargs)
+    else:
+        y = org_forward(x, *args, **kwargs) + (layer.forward(shifted, *args, **kwargs) - layer.forward(x, *args, **kwargs))
+    return y if extra is None else y + extra
+
+
+def bypass_term(form: ActivationShift, layer: Layer, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    """``ΔW x`` given the bare layer's output ``base_out = W x + b``."""
+    geometry = layer.geometry
+    if form.outer is not None:
+        return explicit_correction(form, x, geometry)
+    if form.side == "left":
+        bias = layer.bias(base_out)
+        plain = base_out if bias is None else base_out - (bias if geometry is None else geometry.channels(bias))
+        return output_correction(form, plain, x, geometry)
+    shifted, extra = input_correction(form, x, geometry)
+    term = layer.forward(shifted - x)
+    bias = layer.bias(term)
+    if bias is not None:
+        term = term - (bias if geometry is None else geometry.channels(bias))
+    return term if extra is None else term + extra
+
+
+# ----------------------------------------------------------------------------------
+# Installing shifts on a patcher (the apply nodes)
+
+BYPASS_KEY = "svdiff_bypass"
+
+
+def install_spectral(patcher, spectral: dict[str, tuple[tuple[float, torch.Tensor], Decomposition]], mode: str) -> None:
+    """Put one term per weight on ``patcher`` (a clone), merged with the shifts already there.
+
+    ``spectral`` maps a weight key to ``((strength, δ), decomposition)``. Spectral
+    adapters already on that weight, as weight patches or in this extension's bypass
+    injection, are folded into one adapter (their strengths inside the terms, so the new
+    adapter sees Σ sᵢδᵢ inside one ReLU: eqs. 4, 5), which goes where ``mode`` says:
+
+    * "patch": first in the weight's patch list, so ComfyUI hands it the unpatched weight
+      whatever LoRAs come after;
+    * "bypass": into one injection placed *first* among the patcher's injections, so its
+      hooks are innermost and see the bare layer whatever bypass LoRAs are added. Layers
+      without an activation form (embeddings: their input is token ids) keep a weight patch.
+
+    The injection gets a new key each time: ComfyUI compares injection keys (not their
+    contents) to decide whether a loaded clone already has the right ones.
+    """
+    current = bypass_injection(patcher)
+    bypass = dict(current.adapters) if current is not None else {}
+    for param, (term, decomposition) in spectral.items():
+        terms: Terms = ()
+        found = None
+        others = []
+        for patch in patcher.patches.get(param, []):
+            if is_spectral_patch(patch):
+                terms += tuple((patch[0] * s, d) for s, d in patch[1].terms)
+                found = found or patch[1].decomposition
+            else:
+                others.append(patch)
+        previous = bypass.pop(param, None)
+        if previous is not None:
+            terms += tuple((previous.multiplier * s, d) for s, d in previous.terms)
+            found = found or previous.decomposition
+        strength, delta = term
+        adapter = SpectralShiftAdapter.create({param}, terms + ((float(strength), delta),), decomposition or found, key=param)
+        if mode == "patch" or not has_activation_form(_get_attr(patcher.model, param.rsplit(".", 1)[0])):
+            patcher.patches[param] = [(1.0, adapter, 1.0, None, None)] + others
+        else:
+            if others:
+                patcher.patches[param] = others
+            else:
+                patcher.patches.pop(param, None)
+            bypass[param] = adapter
+    if current is None and not bypass:
+        return
+    kept = {k: v for k, v in patcher.injections.items() if not k.startswith(BYPASS_KEY)}
+    patcher.injections = ({f"{BYPASS_KEY}.{uuid.uuid4().hex[:12]}": [ShiftInjection(bypass)]} if bypass else {}) | kept
+
+
+def bypass_injection(patcher) -> ShiftInjection | None:
+    """This extension's bypass injection on ``patcher``, if any."""
+    for key, injections in getattr(patcher, "injections", {}).items():
+        if key.startswith(BYPASS_KEY):
+            return injections[0]
+    return None
+
+
+def bypassed_weights(patcher, keys) -> list[str]:
+    """Those of ``keys`` that a bypass adapter on ``patcher`` hooks (all, for ComfyUI's own
+    bypass loaders, whose injection does not say which layers it hooks)."""
+    injections = getattr(patcher, "injections", {})
+    if any(not k.startswith(BYPASS_KEY) and "bypass" in k for k in injections):
+        return list(keys)
+    ours = bypass_injection(patcher)
+    return [k for k in keys if ours is not None and k in ours.adapters]
+
+
+class ShiftInjection:
+    """A ComfyUI ``PatcherInjection`` (duck-typed) hooking the forwards of shifted layers.
+
+    Shared by every clone of the patcher it was made for (ComfyUI copies injection lists
+    shallowly), so it holds no model state: the hooks of each injected model are kept
+    per patcher and removed again by :meth:`eject`.
+    """
+
+    def __init__(self, adapters: dict[str, SpectralShiftAdapter]):
+        self.adapters = adapters
+        self._hooks: dict[int, list[_ShiftHook]] = {}
+
+    def inject(self, model_patcher) -> None:
+        if id(model_patcher) in self._hooks:
+            return
+        hooks = []
+        patched = []
+        for param, adapter in self.adapters.items():
+            module = _get_attr(model_patcher.model, param.rsplit(".", 1)[0])
+            hooks.append(_ShiftHook(module, adapter))
+            if model_patcher.patches.get(param):
+                patched.append(param)
+        for hook in hooks:
+            hook.inject()
+        self._hooks[id(model_patcher)] = hooks
+        if patched:
+            _warn_once(
+                f"{len(patched)} weights with a spectral shift in bypass mode also carry weight patches (a LoRA loaded in patch "
+                f"mode, e.g. on {patched[0]}): the shift treats them as part of the base weight. For exact stacking load those "
+                "LoRAs in bypass mode too, or the shift in patch mode."
+            )
+
+    def eject(self, model_patcher) -> None:
+        for hook in reversed(self._hooks.pop(id(model_patcher), [])):
+            hook.eject()
+        for adapter in self.adapters.values():
+            adapter.release_device_copies()
+
+
+class _ShiftHook:
+    """Replaces one module's ``forward`` with the adapter's bypass forward."""
+
+    def __init__(self, module: torch.nn.Module, adapter: SpectralShiftAdapter):
+        self.module = module
+        self.adapter = adapter
+        self.original_forward = None
+        self._had_own_forward = False
+
+    def inject(self) -> None:
+        if self.original_forward is not None:
+            return
+        self._had_own_forward = "forward" in self.module.__dict__
+        self.original_forward = self.module.forward
+        self.module.forward = self.forward
+
+    def forward(self, x, *args, **kwargs):
+        layer = resolve_layer(self.original_forward, self.module)
+        return self.adapter.forward_through(layer, self.original_forward, x, *args, **kwargs)
+
+    def eject(self) -> None:
+        """Take this hook out of the module's forward chain, wherever it sits in it.
+
+        ComfyUI ejects injections in the order it injected them, so an inner hook (ours,
+        injected first) usually leaves while an outer one (a bypass LoRA) still wraps it:
+        then the outer hook is re-pointed at our original forward instead.
+        """
+        if self.original_forward is None:
+            return
+        current = self.module.__dict__.get("forward")
+        if current == self.forward:
+            if self._had_own_forward:
+                self.module.forward = self.original_forward
+            else:
+                del self.module.forward
+        else:
+            forward = current
+            for _ in range(64):
+                owner = getattr(forward, "__self__", None)
+                inner = getattr(owner, "original_forward", None)
+                if inner is None:
+                    break
+                if inner == self.forward:
+                    owner.original_forward = self.original_forward
+                    break
+                forward = inner
+        self.original_forward = None
+
+
+def _get_attr(root, path: str):
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() and isinstance(root, torch.nn.Sequential | torch.nn.ModuleList) else getattr(root, part)
+    return root
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for ComfyUI's quantized weights (``QuantizedTensor``, v0.4+)."""
+    if type(weight) is not torch.Tensor and type(weight) is not torch.nn.Parameter and hasattr(weight, "dequantize"):
+        return weight.dequantize()
+    return weight
+
+
 def _identity(x):
     return x
 
@@ -193,15 +645,19 @@ def _is_identity(function, like: torch.Tensor) -> bool:
     return function(probe) is probe
 
 
-def is_spectral_patch(patch: tuple) -> bool:
-    """Whether an entry of ``ModelPatcher.patches[key]`` is one of our adapters.
+def is_spectral_adapter(adapter) -> bool:
+    """Whether ``adapter`` is one of ours.
 
     Compared by adapter name, not class identity: the extension can be imported
     twice under different module names (ComfyUI's loader and a test), and an
     adapter made by one copy must still merge with the other.
     """
-    adapter = patch[1]
     return getattr(adapter, "name", None) == SpectralShiftAdapter.name and hasattr(adapter, "terms")
+
+
+def is_spectral_patch(patch: tuple) -> bool:
+    """Whether an entry of ``ModelPatcher.patches[key]`` is one of our adapters."""
+    return is_spectral_adapter(patch[1])
 
 
 def register() -> bool:

@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 
 from .cache import content_hash, default_cache
+from .comfy_bridge import bypassed_weights
 from .fileformat import HASH_CHARS
 from .shift import SpectralShift
 from .training import attention as attention_math
@@ -97,14 +98,25 @@ def _rope_reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return rotated.reshape(*x.shape).type_as(x)
 
 
-class _DifferentiableRope:
-    """Within the block, Flux-style models use :func:`_rope_reference`."""
+class _DifferentiablePaths:
+    """Within the block, ComfyUI's models take their differentiable code paths.
+
+    ComfyUI ≥ v0.14 has a switch for that, ``comfy.model_management.in_training`` (its
+    Train LoRA node sets it; Flux-style RoPE, LTX and others read it), which is set here.
+    Older releases have no switch, and their Flux code applies RoPE through
+    comfy_kitchen's fused kernel, which has no backward: there the two RoPE functions are
+    replaced by :func:`_rope_reference` for the block.
+    """
 
     def __enter__(self):
+        self.module = None
+        if hasattr(comfy.model_management, "in_training"):
+            self.was_training = comfy.model_management.in_training
+            comfy.model_management.in_training = True
+            return self
         try:
             import comfy.ldm.flux.math as flux_math
         except ImportError:
-            self.module = None
             return self
         self.module = flux_math
         self.saved = (flux_math.apply_rope, flux_math.apply_rope1)
@@ -115,6 +127,8 @@ class _DifferentiableRope:
     def __exit__(self, *exc):
         if self.module is not None:
             self.module.apply_rope, self.module.apply_rope1 = self.saved
+        elif hasattr(comfy.model_management, "in_training"):
+            comfy.model_management.in_training = self.was_training
         return False
 
 
@@ -140,16 +154,6 @@ class ElementwiseDelta(torch.nn.Module):
         return self.passive_memory_usage()
 
 
-def _geometry(module: torch.nn.Module) -> ConvGeometry | None:
-    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-        if module.groups != 1:
-            raise ValueError(f"grouped convolution {type(module).__name__} (groups={module.groups}) cannot take a spectral shift")
-        return ConvGeometry(len(module.kernel_size), tuple(module.kernel_size), module.stride, module.padding, module.dilation)
-    if isinstance(module, torch.nn.Linear):
-        return None
-    raise ValueError(f"{type(module).__name__} layers are not supported for training (only Linear and Conv)")
-
-
 def _weight_and_bias(module: torch.nn.Module, x: torch.Tensor):
     if hasattr(module, "comfy_cast_weights"):
         import comfy.ops
@@ -164,7 +168,7 @@ def install_layers(patcher, layers: dict[str, ShiftedLayer], elementwise: dict[s
     for key, layer in layers.items():
         path = key[: -len(".weight")]
         module = comfy.utils.get_attr(patcher.model, path)
-        geometry = _geometry(module)
+        geometry = ConvGeometry.of(module)
         frozen = type(module).forward.__get__(module)
 
         def forward(x, *args, _layer=layer, _frozen=frozen, _module=module, _geometry=geometry, **kwargs):
@@ -556,11 +560,11 @@ def _train(
             f"layers '{config.subset}' with name_patterns '{config.patterns}' matches no weight of this model; choose another "
             "subset or fix name_patterns (substrings, globs or re:regex of layer names such as 'attn2.to_k')"
         )
-    patched = [k for k in keys if model.patches.get(k)]
+    patched = [k for k in keys if model.patches.get(k)] or bypassed_weights(model, keys)
     if patched:
         raise ValueError(
-            f"the MODEL already carries patches (LoRAs or shifts) on {len(patched)} of the layers to train, e.g. '{patched[0]}'; "
-            "train on the base model and stack the LoRA or shift afterwards"
+            f"the MODEL already carries patches (LoRAs or shifts, as weight patches or in bypass mode) on {len(patched)} of the "
+            f"layers to train, e.g. '{patched[0]}'; train on the base model and stack the LoRA or shift afterwards"
         )
 
     key_patches = model.get_key_patches()
@@ -727,7 +731,7 @@ def _train(
 
         example = instance[0].latent
         zeros = torch.zeros((1, *example.shape[1:]))
-        with _DifferentiableRope():
+        with _DifferentiablePaths():
             guider.sample(zeros, zeros, _RunInside(body), torch.ones(2), seed=config.seed)
         trainer = trainer_box["trainer"]
         state = trainer.state_tensors(names)
@@ -925,7 +929,7 @@ def _text_encoder_layers(clip, captions, config: TrainConfig, base_hashes: dict,
     patcher = clip.patcher
     shapes = {k: tuple(v.shape) for k, v in patcher.model_state_dict().items()}
     keys = sorted(k for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2 and not any(s in k for s in TEXT_SKIP))
-    patched = [k for k in keys if patcher.patches.get(k)]
+    patched = [k for k in keys if patcher.patches.get(k)] or bypassed_weights(patcher, keys)
     if patched:
         raise ValueError(
             f"the CLIP already carries patches on {len(patched)} layers to train, e.g. '{patched[0]}'; train on the base CLIP and stack afterwards"

@@ -16,44 +16,24 @@ three exact forms costs least for the layer and the current token count T:
   whose input side is the short one.
 
 Directions in the decomposition's tail (σ < 1 % σ_max) use their explicit other-side
-vectors, ``U_t diag(g_t) V_tᵀ``, in every form (no division by a small σ).
+vectors, ``U_t diag(g_t) V_tᵀ``, in every form (no division by a small σ). The forms
+themselves are in ``svdiff/activation.py``, shared with ComfyUI's bypass mode; this
+module adds the trainable δ and the choice between them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..activation import ActivationShift, ConvGeometry, input_correction, output_correction, weight_correction
 from ..spectral import Decomposition
 
 Strategy = Literal["output", "input", "weight"]
 
-
-@dataclass
-class ConvGeometry:
-    """What F.conv{1,2,3}d needs besides the weight (groups must be 1)."""
-
-    dims: int  # 1, 2 or 3
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...] | int
-    padding: tuple[int, ...] | int | str
-    dilation: tuple[int, ...] | int
-
-    @property
-    def pointwise(self) -> bool:
-        return all(k == 1 for k in self.kernel)
-
-    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-        return fn(x, weight, bias, self.stride, self.padding, self.dilation)
-
-    def channel_map(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Apply ``matrix: (out, in)`` to the channel dimension (a 1×1 convolution)."""
-        fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-        return fn(x, matrix.reshape(*matrix.shape, *([1] * self.dims)))
+__all__ = ["ConvGeometry", "ShiftedLayer", "Strategy", "shifted_call"]
 
 
 class ShiftedLayer(torch.nn.Module):
@@ -122,69 +102,30 @@ class ShiftedLayer(torch.nn.Module):
             return "weight"
         return "output" if self.side == "left" else "input"
 
+    def factors(self, dtype: torch.dtype) -> ActivationShift:
+        """The current ΔW as :class:`ActivationShift` factors in ``dtype``; differentiable in δ."""
+        c, g_tail = self.gains()
+        return ActivationShift(
+            side=self.side,
+            head=self.basis[:, : self.head].to(dtype),
+            coefficient=c.to(dtype),
+            near=self.basis[:, self.head :].to(dtype),
+            far=self.tail.to(dtype),
+            gain_tail=g_tail.to(dtype),
+            weight_shape=self.weight_shape,
+        )
+
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW in ``weight``'s layout and dtype, differentiable in δ (weight strategy)."""
-        c, g_tail = self.gains()
-        dtype = weight.dtype
-        matrix = weight.reshape(weight.shape[0], -1)
-        basis = self.basis.to(dtype)
-        head = basis[:, : self.head]
-        if self.side == "left":
-            update = (head * c.to(dtype)) @ (head.T @ matrix)
-        else:
-            update = (matrix @ head) @ (head * c.to(dtype)).T
-        if g_tail.numel():
-            near = basis[:, self.head :] * g_tail.to(dtype)
-            far = self.tail.to(dtype)
-            update = update + (near @ far.T if self.side == "left" else far @ near.T)
-        return update.reshape(weight.shape)
+        return weight_correction(self.factors(weight.dtype), weight)
 
     def correct_output(self, y: torch.Tensor, x: torch.Tensor, geometry: ConvGeometry | None) -> torch.Tensor:
         """``ΔW x`` from the frozen bias-free output ``y = W x`` (m ≤ n)."""
-        c, g_tail = self.gains()
-        dtype = y.dtype
-        head = self.basis[:, : self.head].to(dtype)
-        if geometry is None:
-            correction = ((y @ head) * c.to(dtype)) @ head.T
-        else:
-            z = geometry.channel_map(y, head.T)
-            correction = geometry.channel_map(z * _channels(c.to(dtype), geometry), head)
-        if g_tail.numel():
-            near = self.basis[:, self.head :].to(dtype)
-            far = self.tail.to(dtype)  # V_t: (n, t)
-            if geometry is None:
-                t = (x @ far) * g_tail.to(dtype)
-                correction = correction + t @ near.T
-            else:
-                kernel = far.T.reshape(far.shape[1], *self.weight_shape[1:])
-                t = geometry.conv(x, kernel) * _channels(g_tail.to(dtype), geometry)
-                correction = correction + geometry.channel_map(t, near)
-        return correction
+        return output_correction(self.factors(y.dtype), y, x, geometry)
 
     def correct_input(self, x: torch.Tensor, geometry: ConvGeometry | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x + V diag(g/σ) Vᵀ x, tail output term)`` for m > n (Linear / 1×1 conv)."""
-        c, g_tail = self.gains()
-        dtype = x.dtype
-        head = self.basis[:, : self.head].to(dtype)
-        if geometry is None:
-            shifted = x + ((x @ head) * c.to(dtype)) @ head.T
-        else:
-            z = geometry.channel_map(x, head.T)
-            shifted = x + geometry.channel_map(z * _channels(c.to(dtype), geometry), head)
-        extra = None
-        if g_tail.numel():
-            near = self.basis[:, self.head :].to(dtype)  # V_t: (n, t)
-            far = self.tail.to(dtype)  # U_t: (m, t)
-            if geometry is None:
-                extra = ((x @ near) * g_tail.to(dtype)) @ far.T
-            else:
-                t = geometry.channel_map(x, near.T) * _channels(g_tail.to(dtype), geometry)
-                extra = geometry.channel_map(t, far)
-        return shifted, extra
-
-
-def _channels(values: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
-    return values.reshape(1, -1, *([1] * geometry.dims))
+        return input_correction(self.factors(x.dtype), x, geometry)
 
 
 def shifted_call(layer: ShiftedLayer, x: torch.Tensor, frozen, weight_and_bias, geometry: ConvGeometry | None) -> torch.Tensor:
@@ -207,7 +148,7 @@ def shifted_call(layer: ShiftedLayer, x: torch.Tensor, frozen, weight_and_bias, 
         x = x.clone()
         return F.linear(x, patched, bias) if geometry is None else geometry.conv(x, patched, bias)
     y = frozen(x)
-    plain = y if bias is None else y - (bias if geometry is None else _channels(bias, geometry))
+    plain = y if bias is None else y - (bias if geometry is None else geometry.channels(bias))
     return y + layer.correct_output(plain, x, geometry)
 
 

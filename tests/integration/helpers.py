@@ -55,6 +55,21 @@ def random_shift(model, clip, seed=0, scale=0.05, clamp_some=True, rank=None, na
     return SpectralShift(tensors, {"svdiff.architecture": type(model.model.model_config).__name__}, name=name)
 
 
+def clamping_pair(model) -> tuple[SpectralShift, SpectralShift]:
+    """Two shifts whose sum differs from two separately clamped updates.
+
+    δ₁ removes σ₁ entirely and δ₂ gives half of it back: one ReLU (eqs. 4, 5) keeps σ₁ at
+    0.5·σ₁ in effect, two clamped updates would not.
+    """
+    first = random_shift(model, None, seed=1, clamp_some=False, name="a")
+    second = random_shift(model, None, seed=2, clamp_some=False, name="b")
+    for key in first.tensors:
+        if key.endswith(".delta"):
+            first.tensors[key][0] = -50.0
+            second.tensors[key][0] = 20.0
+    return first, second
+
+
 def reference_weight(base: torch.Tensor, terms, diff_terms=()) -> torch.Tensor:
     """W₀ + U diag(ReLU(σ + Σ sᵢδᵢ) − σ) Vᵀ + Σ sⱼdⱼ in float64."""
     w = base.double()

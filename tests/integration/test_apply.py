@@ -14,7 +14,7 @@ from comfyui_svdiff.svdiff.apply import apply_shift
 from comfyui_svdiff.svdiff.layers import layer_selector
 from comfyui_svdiff.svdiff.shift import combine, parse_key, select
 from comfyui_svdiff.svdiff.targets import ShiftMismatchError
-from integration.helpers import assert_weights_close, base_state, expected_state, patched_state_dict, random_shift
+from integration.helpers import assert_weights_close, base_state, clamping_pair, expected_state, patched_state_dict, random_shift
 from support import tiny_models
 
 pytestmark = pytest.mark.integration
@@ -55,14 +55,7 @@ def test_inputs_are_never_mutated_and_strength_zero_is_identity(build):
 def test_chained_applies_combine_inside_one_relu(build, arch):
     """Two apply nodes give U diag(ReLU(σ + s₁δ₁ + s₂δ₂)) Vᵀ (eqs. 4, 5)."""
     model, clip = build(arch)
-    first = random_shift(model, None, seed=1, clamp_some=False, name="a")
-    second = random_shift(model, None, seed=2, clamp_some=False, name="b")
-    # Make the clamp matter: δ₁ removes σ₁ entirely, δ₂ gives half of it back. Two
-    # separately clamped updates would leave σ₁ at 0.5·σ₁ − σ₁ + ... ≠ one ReLU.
-    for key in first.tensors:
-        if key.endswith(".delta"):
-            first.tensors[key][0] = -50.0
-            second.tensors[key][0] = 20.0
+    first, second = clamping_pair(model)
     base = base_state(model)
     m1, _, _ = apply_shift(model, None, first, 0.8, 0.0)
     m2, _, _ = apply_shift(m1, None, second, 1.5, 0.0)

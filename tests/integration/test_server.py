@@ -73,6 +73,10 @@ def test_server_loads_the_extension(comfy_server, server_object_info):
     status, body = comfy_server.request(ours[0])
     assert status == 200 and b"registerExtension" in body
     assert "spectral_shifts" in comfy_server.get_json("/models")
+    # on_load ran once: ComfyUI ≥ v0.14 awaits it after comfy_entrypoint(), which calls it too
+    log = comfy_server.log_path.read_text(errors="replace")
+    assert log.count("SVDiff loaded:") == 1, log[-3000:]
+    assert "weight adapter True, routes True" in log
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -7,7 +7,7 @@ import torch
 
 from comfyui_svdiff.svdiff.apply import apply_shift
 from comfyui_svdiff.svdiff.training.config import TrainConfig
-from integration.helpers import base_state, tiny_examples, train_tiny
+from integration.helpers import base_state, random_shift, tiny_examples, train_tiny
 from support import tiny_models
 
 pytestmark = pytest.mark.integration
@@ -164,6 +164,11 @@ def test_refuses_a_model_that_already_carries_patches(build):
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     with pytest.raises(ValueError, match="already carries patches"):
         train_tiny(patched, clip, TrainConfig(steps=1, prior_weight=0.0))
+    # a shift in bypass mode hooks the layers instead of patching them: refused the same way
+    bypassed, _, _ = apply_shift(model, None, random_shift(model, None, seed=4), 1.0, 0.0, mode="bypass")
+    assert not any(bypassed.patches.get(k) for k in bypassed.patches if k.endswith(".weight") and "attn" in k)
+    with pytest.raises(ValueError, match="in bypass mode"):
+        train_tiny(bypassed, clip, TrainConfig(steps=1, prior_weight=0.0))
 
 
 def test_gradient_checkpointing_gives_the_same_shift(build):

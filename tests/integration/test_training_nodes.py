@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from comfyui_svdiff.svdiff.fileformat import read_shift
 from integration.helpers import ksampler, train_prompt
@@ -74,49 +76,73 @@ def comfy_handle_cache_dir():
     return default_cache().directory
 
 
+def train_lora_prompt(comfy_handle, ckpt: str, prefix: str, **inputs) -> dict:
+    """Train LoRA (algorithm "SVDiff") → SaveLoRA and LoraModelLoader → KSampler, for this ComfyUI.
+
+    The node changed between releases (v0.11: the ``model`` output went, ``lora`` became
+    output 0, ``bypass_mode``, ``checkpoint_depth``, ``offloading`` and
+    ``quantized_backward`` were added; LoraModelLoader gained ``bypass``), so required
+    inputs not given here take the node's own defaults and outputs are found by type.
+    """
+    info = comfy_handle.object_info(["TrainLoraNode", "LoraModelLoader"])
+    node = info["TrainLoraNode"]
+    lora_output = node["output"].index("LORA_MODEL")
+    values = {
+        "batch_size": 1, "grad_accumulation_steps": 1, "steps": 2, "learning_rate": 1e-2, "rank": 8,
+        "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "fp32", "lora_dtype": "fp32",
+        "algorithm": "SVDiff", "gradient_checkpointing": False, "existing_lora": "[None]", "bucket_mode": False,
+    }  # fmt: skip
+    for name, spec in node["input"]["required"].items():
+        if name not in values and name not in ("model", "latents", "positive"):
+            values[name] = spec[1]["default"]
+    values.update(inputs)
+    loader = {"model": ["1", 0], "lora": ["4", lora_output], "strength_model": 1.0}
+    if "bypass" in info["LoraModelLoader"]["input"]["required"]:
+        loader["bypass"] = bool(inputs.get("bypass_mode", False))
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a sks dog"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "TrainLoraNode", "inputs": {"model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], **values}},
+        "5": {"class_type": "SaveLoRA", "inputs": {"lora": ["4", lora_output], "prefix": f"loras/{prefix}"}},
+        "6": {"class_type": "LoraModelLoader", "inputs": loader},
+        "7": ksampler(["6", 0], ["2", 0], ["2", 0], ["3", 0], seed=1, steps=1, cfg=1.0),
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"t/{prefix}"}},
+    }
+
+
+def _trained(comfy_handle, ckpt: str, prefix: str, **inputs):
+    result = comfy_handle.run_prompt(train_lora_prompt(comfy_handle, ckpt, prefix, **inputs), fresh_executor=True, timeout=900)
+    assert result.success, result.error_message
+    (path,) = sorted((comfy_handle.output_dir / "loras").glob(f"{prefix}*.safetensors"))
+    (latent,) = sorted((comfy_handle.output_dir / "t").glob(f"{prefix}*.latent"))
+    return read_shift(path), load_file(str(latent))["latent_tensor"]
+
+
 def test_comfyui_train_lora_node_trains_svdiff(comfy_handle, tiny_checkpoint):
     """The adapter appears as algorithm "SVDiff" in ComfyUI's own Train LoRA node, trains,
     and its LoRA output is a v1 shift (".delta" next to ".diff"/".diff_b") that loads back."""
     info = comfy_handle.object_info(["TrainLoraNode"])["TrainLoraNode"]
     assert "SVDiff" in info["input"]["required"]["algorithm"][1]["options"]
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a sks dog"}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "4": {
-            "class_type": "TrainLoraNode",
-            "inputs": {
-                "model": ["1", 0],
-                "latents": ["3", 0],
-                "positive": ["2", 0],
-                "batch_size": 1,
-                "grad_accumulation_steps": 1,
-                "steps": 2,
-                "learning_rate": 1e-2,
-                "rank": 8,
-                "optimizer": "AdamW",
-                "loss_function": "MSE",
-                "seed": 0,
-                "training_dtype": "fp32",
-                "lora_dtype": "fp32",
-                "algorithm": "SVDiff",
-                "gradient_checkpointing": False,
-                "existing_lora": "[None]",
-                "bucket_mode": False,
-            },  # fmt: skip
-        },
-        "5": {"class_type": "SaveLoRA", "inputs": {"lora": ["4", 1], "prefix": "loras/svdiff_from_train_lora"}},
-        "6": {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["4", 1], "strength_model": 1.0}},
-        "7": ksampler(["6", 0], ["2", 0], ["2", 0], ["3", 0], seed=1, steps=1, cfg=1.0),
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "t/trainlora"}},
-    }
-    result = comfy_handle.run_prompt(prompt, fresh_executor=True, timeout=900)
-    assert result.success, result.error_message
-    (path,) = sorted((comfy_handle.output_dir / "loras").glob("svdiff_from_train_lora*.safetensors"))
-    shift = read_shift(path)
+    shift, _ = _trained(comfy_handle, tiny_checkpoint, "svdiff_from_train_lora")
     deltas = [k for k in shift.tensors if k.endswith(".delta")]
     assert len(deltas) > 20 and any(bool(shift.tensors[k].any()) for k in deltas)
     assert all(k.startswith("diffusion_model.") for k in shift.tensors)
+
+
+def test_comfyui_train_lora_node_bypass_mode_trains_the_same_shift(comfy_handle, tiny_checkpoint):
+    """``bypass_mode`` (v0.11+) trains δ through forward hooks: the same δ as weight wrappers."""
+    info = comfy_handle.object_info(["TrainLoraNode"])["TrainLoraNode"]
+    if "bypass_mode" not in info["input"]["required"]:
+        pytest.skip("this ComfyUI's Train LoRA node has no bypass_mode (added in v0.11)")
+    patched, patched_latent = _trained(comfy_handle, tiny_checkpoint, "svdiff_train_patch", bypass_mode=False, steps=3)
+    hooked, hooked_latent = _trained(comfy_handle, tiny_checkpoint, "svdiff_train_bypass", bypass_mode=True, steps=3)
+    deltas = sorted(k for k in patched.tensors if k.endswith(".delta"))
+    assert deltas == sorted(k for k in hooked.tensors if k.endswith(".delta"))
+    a = torch.cat([patched.tensors[k].flatten() for k in deltas]).double()
+    b = torch.cat([hooked.tensors[k].flatten() for k in deltas]).double()
+    assert a.norm() > 0 and float((a - b).norm() / a.norm()) < 1e-3
+    assert float((patched_latent - hooked_latent).norm() / patched_latent.norm()) < 1e-3
 
 
 def test_dataset_from_comfyui_dataset_node_lists(comfy_handle, image_folder):

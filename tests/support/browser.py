@@ -27,6 +27,9 @@ CHROMIUM_FLAGS = [
 # asks for on every start: a fresh install answers 404, which Chromium logs as console
 # errors that are not ours.
 STOCK_OPTIONAL_FILES = ("/favicon.ico", "/user.css", "/api/userdata/user.css", "/api/userdata/comfy.templates.json")
+# Logged by the stock frontend 1.48.7 (ComfyUI v0.33.0) on every start, with no custom
+# node installed (its own code reads ``app.rootGraph`` before the graph exists).
+STOCK_CONSOLE_ERRORS = ("ComfyApp graph accessed before initialization",)
 # A fresh user folder: no first-run template dialog, no minimap over the graph, node
 # text drawn at every zoom (thumbnails), no canvas statistics.
 USER_SETTINGS = {
@@ -147,7 +150,7 @@ class ComfyPage:
     def console_errors(self) -> list[str]:
         errors = []
         for kind, text, url in self.console:
-            if kind not in ("error", "pageerror"):
+            if kind not in ("error", "pageerror") or text in STOCK_CONSOLE_ERRORS:
                 continue
             if text.startswith("Failed to load resource") and url:
                 parsed = urlparse(url)

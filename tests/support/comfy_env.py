@@ -1,4 +1,4 @@
-"""Test-side bridge to a real, headless ComfyUI (v0.8.0): setup, prompts, object_info.
+"""Test-side bridge to a real, headless ComfyUI (v0.8.0 … v0.33.0): setup, prompts, object_info.
 
 Used by the pytest integration tier and by the headless "run a workflow" CLI. It
 drives ComfyUI's *own* machinery (``nodes.load_custom_node``, ``execution.validate_prompt``,
@@ -6,7 +6,8 @@ drives ComfyUI's *own* machinery (``nodes.load_custom_node``, ``execution.valida
 the aiohttp server, the websocket or the prompt queue. Nothing of ComfyUI is copied;
 where ComfyUI logic has to be mirrored (``/object_info``, the frontend's UI -> API
 conversion) the original is cited by file:line so it can be re-checked on upgrades.
-Line numbers refer to ComfyUI v0.8.0 and comfyui-frontend-package 1.35.9.
+Line numbers refer to ComfyUI v0.8.0 and comfyui-frontend-package 1.35.9 unless a
+docstring names v0.33.0.
 
 Public API (all module-level functions use one process-wide :class:`ComfyHandle`)::
 
@@ -59,6 +60,8 @@ from typing import Any
 log = logging.getLogger("comfy_env")
 
 ENV_VAR = "COMFYUI_PATH"
+#: Several ComfyUI roots, for a runner that tests against each (``.ci/run``).
+LIST_ENV_VAR = "COMFYUI_PATHS"
 #: Files whose presence marks a directory as a ComfyUI root.
 ROOT_MARKERS = ("comfy/model_patcher.py", "nodes.py", "execution.py", "folder_paths.py")
 #: Default client id used by :func:`run_prompt` (see the module docstring for why).
@@ -101,13 +104,55 @@ def _repo_root_candidates() -> list[Path]:
     return out
 
 
+def comfyui_version(root: str | os.PathLike) -> str | None:
+    """The ``__version__`` in ``<root>/comfyui_version.py`` (without importing it)."""
+    try:
+        text = (Path(root) / "comfyui_version.py").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return None
+
+
+def _version_key(root: Path) -> tuple:
+    version = comfyui_version(root) or "0"
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+def find_comfyuis() -> list[Path]:
+    """Every ComfyUI the tests can run against, newest first.
+
+    ``$COMFYUI_PATHS`` (``os.pathsep``-separated) when set; else ``$COMFYUI_PATH``, a
+    ComfyUI containing this checkout, and every ``~/ComfyUI*`` folder that is a ComfyUI
+    root (``.ci/run`` runs the integration tier once per entry).
+    """
+    listed = os.environ.get(LIST_ENV_VAR)
+    if listed:
+        candidates = [Path(p).expanduser() for p in listed.split(os.pathsep) if p]
+        missing = [str(p) for p in candidates if not is_comfyui_root(p)]
+        if missing:
+            log.warning("%s names folders that are not ComfyUI roots: %s", LIST_ENV_VAR, ", ".join(missing))
+    else:
+        candidates = [Path(os.environ[ENV_VAR]).expanduser()] if os.environ.get(ENV_VAR) else []
+        candidates += [ancestor for repo_root in _repo_root_candidates() for ancestor in repo_root.parents]
+        candidates += sorted(Path.home().glob("ComfyUI*"))
+    roots: list[Path] = []
+    for candidate in candidates:
+        if is_comfyui_root(candidate) and candidate.resolve() not in roots:
+            roots.append(candidate.resolve())
+    return sorted(roots, key=_version_key, reverse=True)
+
+
 def find_comfyui() -> Path | None:
-    """The ComfyUI root directory, or None.
+    """The ComfyUI root directory this process runs against, or None.
 
     Order: ``$COMFYUI_PATH``; else a ComfyUI containing this checkout (the repo may be
     installed as ``<ComfyUI>/custom_nodes/<name>/``, so every ancestor of the repo root
-    is checked); else ``~/ComfyUI``. A directory counts only if it has
-    ``comfy/model_patcher.py``, ``nodes.py``, ``execution.py`` and ``folder_paths.py``.
+    is checked); else the newest ``~/ComfyUI*`` (by ``comfyui_version.py``). A directory
+    counts only if it has ``comfy/model_patcher.py``, ``nodes.py``, ``execution.py`` and
+    ``folder_paths.py``.
 
     An explicitly set but invalid ``COMFYUI_PATH`` returns None (with a warning)
     instead of silently testing against some other ComfyUI.
@@ -122,10 +167,8 @@ def find_comfyui() -> Path | None:
         for ancestor in repo_root.parents:
             if is_comfyui_root(ancestor):
                 return ancestor.resolve()
-    home = Path.home() / "ComfyUI"
-    if is_comfyui_root(home):
-        return home.resolve()
-    return None
+    homes = sorted((p for p in Path.home().glob("ComfyUI*") if is_comfyui_root(p)), key=_version_key, reverse=True)
+    return homes[0].resolve() if homes else None
 
 
 # ---------------------------------------------------------------------------------
@@ -745,10 +788,7 @@ class ComfyHandle:
             self.cache_type = cache_type
         elif self.cache_type is None:
             self.cache_type = execution.CacheType.CLASSIC
-        from comfy.cli_args import args
-
-        cache_args = {"lru": args.cache_lru or (100 if self.cache_type == execution.CacheType.LRU else 0), "ram": args.cache_ram}
-        self.executor = execution.PromptExecutor(self.server, cache_type=self.cache_type, cache_args=cache_args)
+        self.executor = execution.PromptExecutor(self.server, cache_type=self.cache_type, cache_args=executor_cache_args(self.cache_type))
 
     def validate(
         self, prompt: Mapping, *, partial_execution_targets: list[str] | None = None, prompt_id: str | None = None
@@ -909,6 +949,35 @@ class ComfyHandle:
 
 _HANDLE: ComfyHandle | None = None
 _SETUP_LOCK = threading.RLock()
+
+
+def executor_cache_args(cache_type: Any) -> dict:
+    """The ``cache_args`` that ``main.py``'s ``prompt_worker`` gives ``PromptExecutor``.
+
+    v0.8.0 passes ``{"lru": N, "ram": GB}`` (main.py:208; ``--cache-ram`` is one float).
+    v0.33.0 reads ``"ram"`` and ``"ram_inactive"`` as numbers on every prompt
+    (execution.py:745-746); ``--cache-ram`` takes up to two values there, and without
+    them main.py derives both from the machine's RAM for the RAM-pressure cache and
+    uses 0 otherwise (main.py:329-349).
+    """
+    import execution
+    from comfy.cli_args import args
+
+    lru = args.cache_lru or (100 if cache_type == execution.CacheType.LRU else 0)
+    ram = args.cache_ram
+    if not isinstance(ram, list):
+        return {"lru": lru, "ram": ram}
+    active = inactive = 0.0
+    if cache_type == execution.CacheType.RAM_PRESSURE:
+        import comfy.model_management
+
+        total_gb = comfy.model_management.total_ram / 1024.0
+        active, inactive = min(10.0, max(2.0, total_gb * 0.10)), min(128.0, total_gb)
+    if len(ram) > 0:
+        active = ram[0]
+    if len(ram) > 1:
+        inactive = ram[1]
+    return {"lru": lru, "ram": active, "ram_inactive": inactive}
 
 
 def get_handle() -> ComfyHandle | None:
@@ -1725,7 +1794,12 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extension", action="append", default=[], help="custom-node directory to load")
     ap.add_argument("--object-info", metavar="OUT.json", help="write /object_info JSON here")
     ap.add_argument("--convert", metavar="WORKFLOW.json", help="print the API prompt for a UI workflow")
+    ap.add_argument("--list", action="store_true", help="print '<version>\\t<root>' for every ComfyUI found (newest first) and exit")
     ns = ap.parse_args(argv)
+    if ns.list:
+        for root in find_comfyuis():
+            print(f"{comfyui_version(root) or 'unknown'}\t{root}")  # noqa: T201 - CLI output
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print("ComfyUI:", find_comfyui())  # noqa: T201 - CLI output
     h = setup_comfyui()

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -860,6 +861,20 @@ _CKPT_UNET = {
 _LARGE_CHECKPOINTS = {"SDXL"}
 
 
+def _checkpoint_state_dict(model, clip_sd: dict, vae_sd: dict) -> dict:
+    """``BaseModel.state_dict_for_saving`` on either signature.
+
+    Up to v0.8.0 it read the UNet itself (``(clip_state_dict, vae_state_dict, ...)``);
+    later releases take the UNet's state dict first (``ModelPatcher.state_dict_for_saving``
+    passes it), so a positional CLIP state dict would be saved as the UNet.
+    """
+    params = inspect.signature(model.state_dict_for_saving).parameters
+    if "unet_state_dict" in params:
+        unet = model.diffusion_model.state_dict()
+        return model.state_dict_for_saving(unet, clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+    return model.state_dict_for_saving(clip_state_dict=clip_sd, vae_state_dict=vae_sd)
+
+
 def write_tiny_checkpoint(
     path: str | os.PathLike,
     arch: str = "SD15",
@@ -924,7 +939,7 @@ def write_tiny_checkpoint(
         deterministic_init_(ae, seed, "vae")
         vae_sd = ae.state_dict()
 
-    sd = model.state_dict_for_saving(clip.get_sd(), vae_sd)
+    sd = _checkpoint_state_dict(model, clip.get_sd(), vae_sd)
     out = {}
     for k, t in sd.items():
         t = t.detach()
