@@ -1,10 +1,15 @@
-"""DDIM inversion quality: invert, reconstruct with the same prompt and η = 0, report the
-relative latent error for ε-, v-prediction and flow tiny models, by steps and by
-fixed-point refinement iterations (issue: "≤ 0.5 % at 50 steps on a tiny eps model").
+"""DDIM inversion quality: invert, sample back with the same prompt and η = 0, report the
+relative latent error (VAE space) for ε-, v-prediction, SDXL and flow tiny models.
 
-The tiny models are made smooth in time with a damped output layer
-(tests/support/tiny_models.smooth_in_time_), as the tests do: random weights are far
-rougher than a trained denoiser. Run: python benchmarks/bench_inversion.py
+Two kinds of latent: a VAE-encoded picture (``tiny_models.encoded_picture``, 128² →
+16², through a tiny VAE) and unit-variance noise in model space. Three settings: plain
+DDIM inversion (the paper's; ``refine_iterations`` 0), a fixed 3 refinements per step,
+and the node's default (refinement until the tolerance, at most 50 per step). The
+tiny models are made smooth in time with a damped output layer
+(``tiny_models.smooth_in_time_``, output scale 0.2 and, for comparison, 0.3), as the
+tests do: random weights are far rougher than a trained denoiser.
+
+    python benchmarks/bench_inversion.py [SD15 SD21v SDXL Flux]
 """
 
 from __future__ import annotations
@@ -14,39 +19,48 @@ import time
 
 from common import header, setup_comfy
 
+LABELS = {"SD15": "SD1.5 (ε)", "SD21v": "SD2.1 (v)", "SDXL": "SDXL (ε)", "Flux": "Flux (flow)"}
+SCALES = {"SD15": 0.18215, "SD21v": 0.18215, "SDXL": 0.13025, "Flux": 0.3611}
+
 
 def main() -> None:
     setup_comfy()
     import comfy.samplers
     import torch
 
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.nodes.editing import DEFAULT_REFINE_CAP
+    from comfyui_svdiff.svdiff import comfy_editing, editing
     from support import tiny_models
 
-    scales = {"SD15": 0.18215, "SD21v": 0.18215, "Flux": 0.3611}
-    schedulers = {"SD15": "normal", "SD21v": "normal", "Flux": "simple"}
-    archs = sys.argv[1:] or ["SD15", "SD21v", "Flux"]
-    print(header("DDIM inversion: reconstruction error (relative, VAE-space latent)"))
-    print("| model | steps | refine 0 | refine 1 | refine 3 | model calls (refine 3) | seconds (refine 3) |")
-    print("|---|---|---|---|---|---|---|")
+    archs = sys.argv[1:] or list(LABELS)
+    print(header("DDIM inversion: reconstruction error at 50 steps (relative, VAE-space latent)"))
+    print(
+        f"Default: refinement until a step's update is ≤ {editing.DEFAULT_TOLERANCE:g} relative, at most {DEFAULT_REFINE_CAP} per step.\n"
+    )
+    print("| model | smoothing | latent | plain | refine 3 | default | model calls (default) | seconds (default) |")
+    print("|---|---|---|---|---|---|---|---|")
     for arch in archs:
-        model, clip = tiny_models.build_model(arch, seed=0)
-        tiny_models.smooth_in_time_(model, output_scale=0.3)
-        positive = tiny_models.encode_prompt(clip, "photo of a crown with a blue diamond")
-        c = tiny_models.latent_channels(arch)
-        latent = {"samples": torch.randn(1, c, 8, 8, generator=torch.Generator().manual_seed(1)) / scales[arch]}
-        sampling = model.get_model_object("model_sampling")
-        for steps in (10, 25, 50, 100):
-            sigmas = comfy.samplers.calculate_sigmas(sampling, schedulers[arch], steps)
-            row = []
-            for refine in (0, 1, 3):
-                start = time.perf_counter()
-                out, inverted = comfy_editing.round_trip(model, positive, latent, sigmas, refine)
-                seconds = time.perf_counter() - start
-                row.append((float((out - latent["samples"]).norm() / latent["samples"].norm()), inverted.model_calls, seconds))
-            label = {"SD15": "SD1.5 (ε)", "SD21v": "SD2.1 (v)", "Flux": "Flux (flow)"}[arch]
-            errors = " | ".join(f"{e * 100:.3g} %" for e, _, _ in row)
-            print(f"| {label} | {steps} | {errors} | {row[2][1]} | {row[2][2]:.1f} |", flush=True)
+        for output_scale in (0.2, 0.3):
+            model, clip = tiny_models.build_model(arch, seed=0)
+            tiny_models.smooth_in_time_(model, output_scale=output_scale)
+            positive = tiny_models.encode_prompt(clip, "photo of a crown with a blue diamond")
+            c = tiny_models.latent_channels(arch)
+            latents = {
+                "encoded picture": tiny_models.encoded_picture(arch),
+                "unit noise": {"samples": torch.randn(1, c, 16, 16, generator=torch.Generator().manual_seed(1)) / SCALES[arch]},
+            }
+            scheduler = "simple" if arch == "Flux" else "normal"
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 50)
+            for kind, latent in latents.items():
+                row = []
+                for refine in (0, 3, DEFAULT_REFINE_CAP):
+                    start = time.perf_counter()
+                    out, inverted = comfy_editing.round_trip(model, positive, latent, sigmas, refine)
+                    seconds = time.perf_counter() - start
+                    error = float((out - latent["samples"]).norm() / latent["samples"].norm())
+                    row.append((error, inverted.model_calls, seconds))
+                errors = " | ".join(f"{e * 100:.3g} %" for e, _, _ in row)
+                print(f"| {LABELS[arch]} | {output_scale} | {kind} | {errors} | {row[2][1]} | {row[2][2]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

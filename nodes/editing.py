@@ -9,12 +9,17 @@ Wiring (ComfyUI's custom sampling):
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from ..svdiff import comfy_editing
+from ..svdiff import comfy_editing, editing
 from .common import CATEGORY, NodeProgress, log
 
 EDIT_CATEGORY = f"{CATEGORY}/editing"
+# Refinements per step at most (they stop at the tolerance first: ~6 per step on the tiny
+# test models, see README "Single-image editing").
+DEFAULT_REFINE_CAP = 50
+# Above this reconstruction error (relative, VAE space) the node warns in the log.
+RECONSTRUCTION_WARNING = 0.01
 
 
 class SVDiffDDIMInversion(io.ComfyNode):
@@ -45,36 +50,62 @@ class SVDiffDDIMInversion(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "refine_iterations",
-                    default=3,
+                    default=DEFAULT_REFINE_CAP,
                     min=0,
-                    max=20,
+                    max=200,
                     tooltip=(
-                        "Fixed-point iterations per step that make the inversion an exact inverse of deterministic DDIM "
-                        "(stops early once converged). 0 = plain DDIM inversion as in the paper, fastest."
+                        "At most this many fixed-point iterations per step; they make the inversion an exact inverse of "
+                        "deterministic DDIM and stop once converged (tolerance). 0 = plain DDIM inversion as in the paper."
                     ),
                 ),
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed only when cfg is not 1."),
+                io.Float.Input(
+                    "tolerance",
+                    default=editing.DEFAULT_TOLERANCE,
+                    min=1e-9,
+                    max=0.1,
+                    step=1e-7,
+                    round=False,
+                    optional=True,
+                    tooltip=(
+                        "A step's refinement stops once an iteration moves the latent by at most this, relative, or when it "
+                        "stops improving (the model's precision). Smaller reconstructs more exactly and costs more model calls."
+                    ),
+                ),
             ],
             outputs=[io.Latent.Output(display_name="inverted_latent")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, positive, latent, sigmas, cfg, refine_iterations, negative=None) -> io.NodeOutput:
+    def execute(cls, model, positive, latent, sigmas, cfg, refine_iterations, negative=None, tolerance=None) -> io.NodeOutput:
         steps = max(int(sigmas.shape[-1]) - 1, 0)
         progress = NodeProgress(steps, cls.hidden.unique_id)
+        tolerance = editing.DEFAULT_TOLERANCE if tolerance is None else tolerance
 
         def callback(step, _x0, _x, total):
             progress(step + 1, total)
 
-        log.info("SVDiff: DDIM inversion over %d steps (refine_iterations %d)", steps, refine_iterations)
-        result = comfy_editing.invert(model, positive, latent, sigmas, cfg, negative, refine_iterations, callback=callback)
+        log.info(
+            "SVDiff: DDIM inversion over %d steps (at most %d refinements per step, tolerance %g)", steps, refine_iterations, tolerance
+        )
+        result = comfy_editing.invert(
+            model, positive, latent, sigmas, cfg, negative, refine_iterations, callback=callback, tolerance=tolerance
+        )
+        summary = result.summary()
+        log.info("SVDiff: %s", summary)
+        if result.reconstruction_error is not None and result.reconstruction_error > RECONSTRUCTION_WARNING:
+            log.warning(
+                "SVDiff: the inverted latent samples back to the image only within %.2f%%; raise refine_iterations, lower "
+                "tolerance or use more steps for a more faithful edit",
+                100 * result.reconstruction_error,
+            )
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
         # "samples" holds the variance-preserving z_T (about unit variance) so previews and
         # downstream latent nodes see a sensible tensor; the sampler start is kept alongside.
         out["samples"] = result.vp_latent()
         out[comfy_editing.INVERSION_KEY] = result
-        return io.NodeOutput(out)
+        return io.NodeOutput(out, ui=ui.PreviewText(summary))
 
 
 class SVDiffInvertedNoise(io.ComfyNode):

@@ -308,21 +308,30 @@ def _save(shift: SpectralShift, prefix: str, state: dict[str, torch.Tensor] | No
     shift.metadata["svdiff.name"] = target.stem
     fileformat.write_shift(target, shift, precision="fp16", overwrite=overwrite)
     if state:
+        steps = str(shift.training_summary().get("steps", ""))
         fileformat.atomic_save(
             target.with_suffix(".svdiffstate"),
             {k: v.contiguous().cpu() for k, v in state.items()},
-            {"svdiff.state_for": target.name},
+            {"svdiff.state_for": target.name, "svdiff.steps": steps},
             overwrite=True,
         )
     return target
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor] | None:
+def _load_state(path: Path, shift: SpectralShift) -> dict[str, torch.Tensor] | None:
+    """The training state saved beside ``path``, if it belongs to that file's step."""
     sidecar = path.with_suffix(".svdiffstate")
     if not sidecar.is_file():
         return None
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(str(sidecar), framework="pt") as f:
+        steps = (f.metadata() or {}).get("svdiff.steps")
+    expected = str(shift.training_summary().get("steps", ""))
+    if steps is not None and steps != expected:
+        log.warning("resume_from: %s is the state of step %s, the file is at step %s: not used", sidecar.name, steps, expected)
+        return None
     return load_file(str(sidecar))
 
 
@@ -477,7 +486,7 @@ class SVDiffTrain(io.ComfyNode):
                 check_fits(model, clip, resume)
             except ValueError as exc:  # ShiftFileError, ShiftMismatchError
                 raise ValueError(f"resume_from: {exc}") from None
-            state = _load_state(resume_path)
+            state = _load_state(resume_path, resume)
 
         plan = None
         if isinstance(dataset, MultiSubjectDataset):
@@ -534,7 +543,7 @@ class SVDiffTrain(io.ComfyNode):
             if step % max(1, steps // 20) == 0 or step == steps:
                 log.info("SVDiff train step %d/%d loss %.5f (%.1f s)", step, steps, loss, time.perf_counter() - started)
             if save_every and step % save_every == 0 and step < steps:
-                path = _save(finish_metadata(context.snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", None)
+                path = _save(finish_metadata(context.snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", context.state())
                 saved.append(path.name)
 
         log.info("SVDiff: training %s", _describe_subset(model, config))
@@ -547,7 +556,7 @@ class SVDiffTrain(io.ComfyNode):
         except comfy.model_management.InterruptProcessingException:
             if save_on_cancel and "context" in latest:
                 shift = finish_metadata(latest["context"].snapshot(), latest["step"], losses_seen)
-                path = _save(shift, f"{filename_prefix}_cancelled", None)
+                path = _save(shift, f"{filename_prefix}_cancelled", latest["context"].state())
                 log.warning("SVDiff: training cancelled at step %d; saved %s", latest["step"], path.name)
             raise
         finally:  # train() itself restores the shared model, whatever happened

@@ -283,7 +283,7 @@ WORKFLOWS = {
                 9,
                 "SVDiffDDIMInversion",
                 [1480, 40],
-                {"cfg": 1.0, "refine_iterations": 3},
+                {"cfg": 1.0, "refine_iterations": 50, "tolerance": 1e-6},
                 {"model": (5, 0), "positive": (7, 0), "latent": (6, 0), "sigmas": (8, 0)},
             ),
             node(

@@ -57,6 +57,20 @@ class InversionResult:
     latent_format: Any
     steps: int
     model_calls: int
+    reconstruction_error: float | None = None
+    """‖x̂₀ − x₀‖/‖x₀‖ in VAE space after sampling the result back (η = 0, same prompt and cfg)."""
+    step_residual: float | None = None
+    """The largest last fixed-point update of any step, relative (None without refinement)."""
+    unconverged: int = 0
+    """Steps whose refinement ended above the tolerance (cap or the model's precision reached)."""
+
+    def summary(self) -> str:
+        parts = [f"DDIM inversion over {self.steps} steps, {self.model_calls} model calls"]
+        if self.reconstruction_error is not None:
+            parts.append(f"reconstruction error {self.reconstruction_error:.3%} of the latent")
+        if self.unconverged:
+            parts.append(f"{self.unconverged} of {self.steps} steps stopped above the tolerance")
+        return ", ".join(parts)
 
     def vp_latent(self) -> torch.Tensor:
         """x / k(σ): the variance-preserving latent (z_T in the paper's eq. 6-7)."""
@@ -72,10 +86,14 @@ class InversionSampler:
     ``process_latent_out`` and is not used).
     """
 
-    def __init__(self, family: str, refine_iterations: int = 0):
+    def __init__(self, family: str, refine_iterations: int = 0, tolerance: float = editing.DEFAULT_TOLERANCE, check: bool = True):
         self.family = family
         self.refine_iterations = refine_iterations
+        self.tolerance = tolerance
+        self.check = check
         self.result: torch.Tensor | None = None
+        self.trace: editing.InversionTrace | None = None
+        self.reconstructed: torch.Tensor | None = None
         self.model_calls = 0
 
     def max_denoise(self, model_wrap, sigmas) -> bool:  # the Sampler interface
@@ -93,9 +111,15 @@ class InversionSampler:
                 callback(i, None, None, total)
 
         x0 = latent_image if latent_image is not None else torch.zeros_like(noise)
-        trace = editing.ddim_invert(denoiser, x0.float(), sigmas.float(), self.family, self.refine_iterations, callback=progress)
+        trace = editing.ddim_invert(
+            denoiser, x0.float(), sigmas.float(), self.family, self.refine_iterations, tolerance=self.tolerance, callback=progress
+        )
+        self.trace = trace
         self.result = trace.latents[-1]
         self.model_calls = trace.model_calls
+        if self.check:  # sample it back with the same model, conds and cfg: the residual reached
+            self.reconstructed = editing.ddim_sample(denoiser, self.result, sigmas.float(), self.family)
+            self.model_calls += len(sigmas) - 1
         return self.result
 
 
@@ -108,8 +132,14 @@ def invert(
     negative=None,
     refine_iterations: int = 0,
     callback=None,
+    tolerance: float = editing.DEFAULT_TOLERANCE,
+    check: bool = True,
 ) -> InversionResult:
-    """DDIM-invert ``latent`` (a ComfyUI LATENT dict, VAE space) along ``sigmas``."""
+    """DDIM-invert ``latent`` (a ComfyUI LATENT dict, VAE space) along ``sigmas``.
+
+    With ``check``, the result is sampled back (η = 0, one model call per step) and the
+    relative reconstruction error in VAE space is reported on the result.
+    """
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
@@ -137,7 +167,9 @@ def invert(
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative if negative is not None else [])
     guider.set_cfg(cfg)
-    sampler = InversionSampler(family, refine_iterations)
+    if not (tolerance >= 0.0 and math.isfinite(tolerance)):
+        raise ValueError(f"tolerance must be a number ≥ 0 (0: refine until no further progress), got {tolerance}")
+    sampler = InversionSampler(family, refine_iterations, tolerance, check)
     with torch.no_grad():
         guider.sample(
             torch.zeros_like(samples),
@@ -151,6 +183,12 @@ def invert(
     result = sampler.result.to(comfy.model_management.intermediate_device(), torch.float32)
     if not torch.isfinite(result).all():
         raise ValueError("the inversion produced NaN/Inf; check the model and the latent (an fp16 model may overflow)")
+    error = None
+    if sampler.reconstructed is not None:
+        latent_format = model.model.latent_format
+        back = latent_format.process_out(sampler.reconstructed.to(result.device, torch.float32))
+        original = samples.to(result.device, torch.float32)
+        error = float((back - original).norm() / original.norm())
     return InversionResult(
         latent=result,
         sigma=values[0],
@@ -159,6 +197,9 @@ def invert(
         latent_format=model.model.latent_format,
         steps=len(values) - 1,
         model_calls=sampler.model_calls,
+        reconstruction_error=error,
+        step_residual=sampler.trace.worst_residual,
+        unconverged=sampler.trace.unconverged,
     )
 
 
@@ -253,15 +294,19 @@ def ddim_sampler(eta: float = 0.0, s_noise: float = 1.0):
     return comfy.samplers.KSAMPLER(sample_ddim, extra_options={"eta": float(eta), "s_noise": float(s_noise)})
 
 
-def round_trip(model, positive, latent: dict, sigmas: torch.Tensor, refine_iterations: int = 0) -> tuple[torch.Tensor, InversionResult]:
+def round_trip(
+    model, positive, latent: dict, sigmas: torch.Tensor, refine_iterations: int = 0, tolerance: float = editing.DEFAULT_TOLERANCE
+) -> tuple[torch.Tensor, InversionResult]:
     """Invert ``latent`` and sample it back with the same prompt, cfg 1 and η = 0.
 
     Returns the reconstructed VAE-space latent and the inversion: the check of
     eq. 6 (how well DDIM inversion inverts the sampler), used by tests and benchmarks.
+    The sampling back goes through ComfyUI's own sampler path (noise scaling, latent
+    format), independently of the inversion's own check.
     """
     import comfy.samplers
 
-    inverted = invert(model, positive, latent, sigmas, refine_iterations=refine_iterations)
+    inverted = invert(model, positive, latent, sigmas, refine_iterations=refine_iterations, tolerance=tolerance, check=False)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, [])
     guider.set_cfg(1.0)

@@ -395,6 +395,8 @@ class StepContext:
 
     snapshot: Callable[[], SpectralShift]
     patcher: object
+    state: Callable[[], dict[str, torch.Tensor]]
+    """The training state so far (float32 values, optimizer moments), for a resumable checkpoint."""
 
     def sample(self, positive, negative, latent: torch.Tensor, steps: int, seed: int, cfg: float = 5.0) -> torch.Tensor:
         """Sample with the model as it is being trained (the shifted layers active)."""
@@ -484,8 +486,10 @@ def train(
 ) -> TrainingResult:
     """Train a spectral shift on ``model`` (never modified) and return it (see :func:`_train`)."""
     # Everything trainable must be created outside ComfyUI's inference mode.
+    shared = SharedModules([model.model] + ([clip.patcher.model] if clip is not None else []))
     with torch.inference_mode(False):
         try:
+            shared.freeze()
             return _train(
                 model, positive, instance, prior, config, resume, optimizer_state, on_step, progress, architecture, metadata,
                 gradient_checkpointing, clip, captions, plan, attention,
@@ -498,6 +502,41 @@ def train(
             raise
         finally:
             release_training_hooks(model, clip)
+            shared.restore()
+
+
+class SharedModules:
+    """The flags of the modules a MODEL or CLIP shares with its clones, put back after training.
+
+    Training freezes every base parameter (``requires_grad`` False: autograd then needs
+    gradients only for the shifts) and :func:`make_autograd_ready` replaces inference
+    tensors by equal normal ones. Parameters are remembered by owner and name, not
+    identity, so the flags return to the replacements; module training modes too.
+    """
+
+    def __init__(self, roots: list[torch.nn.Module]):
+        self.flags = [
+            (owner, name, p.requires_grad)
+            for root in roots
+            for owner in root.modules()
+            for name, p in owner.named_parameters(recurse=False)
+        ]
+        self.modes = [(module, module.training) for root in roots for module in root.modules()]
+
+    def freeze(self) -> None:
+        for owner, name, _ in self.flags:
+            param = getattr(owner, name)
+            if not param.is_inference():  # those are replaced before training (make_autograd_ready)
+                param.requires_grad_(False)
+
+    def restore(self) -> None:
+        for owner, name, flag in self.flags:
+            param = getattr(owner, name)
+            if param.requires_grad != flag and not param.is_inference():
+                param.requires_grad_(flag)
+        for module, training in self.modes:
+            if module.training != training:
+                module.train(training)
 
 
 def release_training_hooks(model, clip=None) -> None:
@@ -723,10 +762,9 @@ def _train(
             if resume is not None:
                 trainer.step = int(resume.training_summary().get("steps", 0))
                 trainer.losses = list(resume.training_summary().get("losses", []))[-10000:]
-            if optimizer_state:
-                trainer.load_state_tensors(optimizer_state, names)
+                _resume_state(trainer, resume, optimizer_state, names)
             trainer_box["trainer"] = trainer
-            context = StepContext(snapshot, patcher)
+            context = StepContext(snapshot, patcher, lambda: trainer.state_tensors(names))
             trainer.run(on_step=None if on_step is None else (lambda s, loss: on_step(s, loss, context)))
 
         example = instance[0].latent
@@ -746,6 +784,35 @@ def _train(
         parameters,
         len(layers) + len(elementwise) + len(full),
         embedding={} if modifier is None else modifier.embedding(),
+    )
+
+
+def _resume_state(trainer: Trainer, resume: SpectralShift, state: dict[str, torch.Tensor] | None, names: dict[int, str]) -> None:
+    """Continue from the saved float32 values and optimizer moments, or say what is missing.
+
+    The shift file stores δ rounded to its precision (fp16 by default): without the
+    state beside it the run continues from that rounded δ with a fresh optimizer, close
+    to but not the same as an uninterrupted run.
+    """
+    moments = values = 0
+    if state:
+        moments, values = trainer.load_state_tensors(state, names)
+    total = len(trainer.parameters)
+    if values == total and moments == total:
+        return
+    if not state:
+        missing = "no training state (.svdiffstate) beside it"
+    elif values < total:
+        missing = f"a training state without the full-precision values of {total - values} of {total} parameters (an older file)"
+    else:
+        missing = f"a training state without optimizer moments for {total - moments} of {total} parameters"
+    log.warning(
+        "resume_from '%s' has %s: training continues from the values rounded as stored in the file (%s)%s, so it will not "
+        "equal an uninterrupted run exactly",
+        resume.name,
+        missing,
+        resume.metadata.get("svdiff.precision", "fp16"),
+        " with a fresh optimizer" if moments < total else "",
     )
 
 

@@ -29,8 +29,10 @@ to the x at σ_i that the sampler's step σ_i → σ_{i+1} maps onto it,
 ε̂(x_i, σ_i) is unknown; classical DDIM inversion uses ε̂(x_{i+1}, σ_{i+1}) instead
 (``refine_iterations=0``). Each refinement iteration re-evaluates ε̂ at the
 current estimate of x_i (fixed-point iteration), which makes the inversion an
-exact inverse of the η = 0 sampler as the iteration converges; it stops early
-once an iteration moves x_i by less than ``tolerance`` relative to its norm.
+exact inverse of the η = 0 sampler as the iteration converges. It runs until an
+iteration moves x_i by at most ``tolerance`` relative to its norm (a fixed count
+is too few on some latents and wasted on others), with ``refine_iterations`` as a
+cap; the trace records how far each step got.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``denoiser(x, sigma) -> x̂₀``: the model's clean-latent prediction at noise level sigma."""
 
 FAMILIES = ("eps", "flow")
+# Fixed-point refinement stops once an iteration moves x_i by at most this, relative.
+DEFAULT_TOLERANCE = 1e-6
 
 
 def _check_family(family: str) -> None:
@@ -134,11 +138,23 @@ def _inversion_guess(x_prev, eps, sigma, sigma_prev, c, c_prev):
 
 @dataclass
 class InversionTrace:
-    """What an inversion produced: x at every σ (from clean to noisiest) and the model calls."""
+    """What an inversion produced: x at every σ (from clean to noisiest) and the model calls.
+
+    ``step_residuals``: per step (clean to noisiest), the relative size of the last
+    fixed-point update, ‖Δx_i‖/‖x_i‖ (None where no refinement ran); ``unconverged``:
+    the steps that hit the cap above ``tolerance``.
+    """
 
     sigmas: list[float]
     latents: list[torch.Tensor]
     model_calls: int
+    step_residuals: list[float | None]
+    unconverged: int = 0
+
+    @property
+    def worst_residual(self) -> float | None:
+        known = [r for r in self.step_residuals if r is not None]
+        return max(known) if known else None
 
 
 def ddim_invert(
@@ -148,7 +164,7 @@ def ddim_invert(
     family: str,
     refine_iterations: int = 0,
     keep_trajectory: bool = False,
-    tolerance: float = 1e-5,
+    tolerance: float = DEFAULT_TOLERANCE,
     callback: Callable[[int, int], None] | None = None,
 ) -> InversionTrace:
     """Invert the η = 0 DDIM sampler that runs along ``sigmas`` (decreasing).
@@ -156,17 +172,23 @@ def ddim_invert(
     ``x0`` is the clean latent in model space at ``sigmas[-1]`` (normally 0; for a
     partial schedule, the latent at that noise level). Returns the latent at
     ``sigmas[0]``, from which the sampler with the same ``sigmas`` and η = 0
-    reconstructs ``x0`` up to the inversion error.
+    reconstructs ``x0`` up to the inversion error. ``refine_iterations`` caps the
+    fixed-point iterations per step, which stop once one moves x_i by at most
+    ``tolerance`` relative to its norm.
     """
     _check_family(family)
     if refine_iterations < 0:
         raise ValueError(f"refine_iterations must be ≥ 0, got {refine_iterations}")
+    if not (tolerance >= 0.0 and math.isfinite(tolerance)):
+        raise ValueError(f"tolerance must be a number ≥ 0 (0: refine until no further progress), got {tolerance}")
     values = validate_sigmas(sigmas, family)
     batch = x0.shape[0]
     x = x0.clone()
     latents = [x.clone()] if keep_trajectory else []
     calls = 0
     steps = len(values) - 1
+    residuals: list[float | None] = []
+    unconverged = 0
 
     def x0_at(latent: torch.Tensor, sigma: float) -> torch.Tensor:
         nonlocal calls
@@ -181,15 +203,23 @@ def ddim_invert(
         c, c_prev = scale(sigma, family), scale(sigma_prev, family)
         # ε̂ at the known point; at σ = 0 the model cannot be asked, so use (x, σ_i).
         new = _inversion_guess(x, eps_at(x, sigma_prev) if sigma_prev > 0.0 else eps_at(x, sigma), sigma, sigma_prev, c, c_prev)
+        residual = None
         for _ in range(refine_iterations if (c > 0.0 or sigma_prev > 0.0) else 0):
             if c > 0.0:  # x_i = ρ·x_{i+1} + (σ_i − ρ·σ_{i+1})·ε̂(x_i)
                 update = _inversion_guess(x, eps_at(new, sigma), sigma, sigma_prev, c, c_prev)
             else:  # flow at σ = 1 (c = 0, the ε-form degenerates): x_i = (x_{i+1} − c_{i+1}·x̂₀(x_i)) / σ_{i+1}
                 update = (x - c_prev * x0_at(new, sigma)) / sigma_prev
-            change = (update - new).norm()
-            new = update
-            if change <= tolerance * new.norm():
+            previous, residual = residual, float((update - new).norm() / update.norm().clamp_min(1e-30))
+            if previous is not None and residual >= previous:
+                # No progress: the model's own rounding (float32 ~1e-7, fp16 ~1e-3) is reached.
+                residual = previous
                 break
+            new = update
+            if residual <= tolerance:
+                break
+        if residual is not None and residual > tolerance:
+            unconverged += 1
+        residuals.append(residual)
         x = new
         if keep_trajectory:
             latents.append(x.clone())
@@ -197,7 +227,7 @@ def ddim_invert(
             callback(n, steps)
     if not keep_trajectory:
         latents = [x]
-    return InversionTrace(values[::-1], latents, calls)
+    return InversionTrace(values[::-1], latents, calls, residuals, unconverged)
 
 
 def ddim_sample(

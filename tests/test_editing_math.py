@@ -117,6 +117,20 @@ def test_inversion_stops_refining_once_converged():
     assert trace.model_calls < 2 * 100
 
 
+def test_inversion_reports_what_each_step_reached():
+    """Per step the last fixed-point update (relative); steps that end above the tolerance are counted."""
+    sd = 0.8
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sd
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    denoise = _gaussian_denoiser(sd, "eps")
+    capped = editing.ddim_invert(denoise, x0, sigmas, "eps", refine_iterations=1, tolerance=1e-12)
+    assert capped.unconverged == 5 and all(r is not None and r > 1e-12 for r in capped.step_residuals)
+    full = editing.ddim_invert(denoise, x0, sigmas, "eps", refine_iterations=200, tolerance=1e-9)
+    assert full.unconverged == 0 and full.worst_residual <= 1e-9 < capped.worst_residual
+    plain = editing.ddim_invert(denoise, x0, sigmas, "eps", refine_iterations=0)
+    assert plain.step_residuals == [None] * 5 and plain.worst_residual is None and plain.unconverged == 0
+
+
 def _np_slerp(alpha, a, b):
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     phi = np.arccos(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -105,17 +105,33 @@ def test_step_streams_are_reproducible_and_distinct():
     assert not torch.equal(a, torch.randn(4, generator=step_generator(7, 3, 1)))
 
 
-def test_optimizer_state_round_trips():
+def test_resume_from_the_state_equals_the_uninterrupted_run_bit_for_bit():
+    """3 steps, state saved, a fresh trainer from the fp16-rounded values + state, 2 more == 5 straight."""
     target = torch.tensor([1.0, -2.0, 0.5])
-    config = TrainConfig(steps=3, lr_spectral=1e-1, prior_weight=0)
-    trainer, x, y = _quadratic_trainer(config, target)
-    trainer.run()
-    names = {id(x): "x", id(y): "y"}
-    state = trainer.state_tensors(names)
-    assert {"x.exp_avg", "x.exp_avg_sq", "x.step", "y.exp_avg"} <= set(state)
-    other, x2, y2 = _quadratic_trainer(config, target)
-    assert other.load_state_tensors(state, {id(x2): "x", id(y2): "y"}) == 6
-    torch.testing.assert_close(other.optimizer.state[x2]["exp_avg"], trainer.optimizer.state[x]["exp_avg"])
+    config = TrainConfig(steps=5, lr_spectral=1e-1, lr_1d=1e-2, prior_weight=0, seed=3)
+    straight, xs, ys = _quadratic_trainer(config, target)
+    straight.run()
+    first, x, y = _quadratic_trainer(config, target)
+    first.run(until=3)
+    state = first.state_tensors({id(x): "x", id(y): "y"})
+    assert {"x.value", "x.exp_avg", "x.exp_avg_sq", "x.step", "y.value", "y.exp_avg"} <= set(state)
+    resumed, x2, y2 = _quadratic_trainer(config, target)
+    with torch.no_grad():  # what an fp16 shift file holds
+        x2.copy_(x.half().float())
+        y2.copy_(y.half().float())
+    assert not torch.equal(x2, x)  # the rounding matters here
+    resumed.step = 3
+    assert resumed.load_state_tensors(state, {id(x2): "x", id(y2): "y"}) == (2, 2)
+    resumed.run()
+    assert torch.equal(x2, xs) and torch.equal(y2, ys)
+    # Without the float32 values, the rounded start shows in the result.
+    rounded, x3, y3 = _quadratic_trainer(config, target)
+    with torch.no_grad():
+        x3.copy_(x.half().float())
+    rounded.step = 3
+    rounded.load_state_tensors({k: v for k, v in state.items() if not k.endswith(".value")}, {id(x3): "x", id(y3): "y"})
+    rounded.run()
+    assert not torch.equal(x3, xs)
 
 
 # ----------------------------------------------------------------------------------

@@ -83,24 +83,36 @@ class Trainer:
     # -- resume -----------------------------------------------------------------------------
 
     def state_tensors(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
-        """Optimizer state as named tensors (``names``: id(param) → stable name)."""
+        """Everything a resumed run needs besides the config, as named tensors.
+
+        ``names``: id(param) → stable name. Per parameter: its float32 value
+        (``<name>.value``; the shift file may hold it rounded to fp16) and the optimizer's
+        moments and step. Nothing else is needed to continue bit for bit: every step's
+        random stream (noise, timesteps, data order, flips) comes from
+        :func:`step_generator` of ``(seed, step, micro)``, and the learning-rate schedule
+        from the step.
+        """
         out = {}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if not state:
-                    continue
                 name = names[id(p)]
-                for k, v in state.items():
+                out[f"{name}.value"] = p.detach().to(torch.float32).clone()
+                for k, v in self.optimizer.state.get(p, {}).items():
                     out[f"{name}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(float(v))
         return out
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], names: dict[int, str]) -> int:
-        """Restore optimizer state saved by :meth:`state_tensors`; returns tensors used."""
-        used = 0
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], names: dict[int, str]) -> tuple[int, int]:
+        """Restore what :meth:`state_tensors` saved; returns (parameters with optimizer
+        state restored, parameters whose float32 value was restored)."""
+        moments = values = 0
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 name = names[id(p)]
+                value = tensors.get(f"{name}.value")
+                if value is not None and value.shape == p.shape:
+                    with torch.no_grad():
+                        p.copy_(value.to(p.device, p.dtype))
+                    values += 1
                 state = {}
                 for key in ("step", "exp_avg", "exp_avg_sq"):
                     t = tensors.get(f"{name}.{key}")
@@ -111,5 +123,5 @@ class Trainer:
                     state[key] = t.to(p.device, torch.float32).clone()
                 if len(state) == 3:
                     self.optimizer.state[p] = state
-                    used += 3
-        return used
+                    moments += 1
+        return moments, values

@@ -286,3 +286,58 @@ def train_tiny(model, clip, config, instance=None, prior=None, **kwargs):
     positive = tiny_models.encode_prompt(clip, "photo of a sks dog") + tiny_models.encode_prompt(clip, "photo of a dog")
     instance = instance if instance is not None else tiny_examples("Flux" if arch == "Flux" else "SD15")
     return comfy_training.train(model, positive, instance, prior or [], config, architecture=arch, **kwargs)
+
+
+def observable_state(patcher) -> dict:
+    """Everything about a MODEL's or CLIP's patcher and its modules that another node could see.
+
+    Weights (values, dtype, device, ``requires_grad``), module training modes, hooks,
+    instance-level ``forward`` replacements, ComfyUI weight wrappers
+    (``weight_function``/``bias_function``), and the patcher's patches, object patches,
+    weight-wrapper patches and injections. Compared before and after an operation that
+    must leave its input alone.
+    """
+    model = patcher.model
+    modules = dict(model.named_modules())
+
+    def own_forward(module) -> bool:
+        forward = vars(module).get("forward")  # ComfyUI's unpatch may leave the bound class forward
+        return forward is None or (getattr(forward, "__self__", None) is module and forward.__func__ is type(module).forward)
+
+    return {
+        "weights": {n: (p.detach().clone(), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in modules.items()},
+        "hooks": {
+            n: tuple(len(getattr(m, h, {})) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+            for n, m in modules.items()
+        },
+        "forwards": sorted(n for n, m in modules.items() if not own_forward(m)),
+        "wrappers": {
+            n: (len(getattr(m, "weight_function", []) or []), len(getattr(m, "bias_function", []) or [])) for n, m in modules.items()
+        },
+        "patches": {k: list(v) for k, v in patcher.patches.items()},
+        "object_patches": dict(patcher.object_patches),
+        "weight_wrapper_patches": {k: list(v) for k, v in getattr(patcher, "weight_wrapper_patches", {}).items()},
+        "injections": {k: list(v) for k, v in getattr(patcher, "injections", {}).items()},
+    }
+
+
+def assert_same_state(before: dict, after: dict, what: str = "") -> None:
+    """``observable_state`` before == after, naming the first difference."""
+    for part in before:
+        if part in ("weights", "buffers"):
+            assert before[part].keys() == after[part].keys(), f"{what}{part}: names changed"
+            for name, old in before[part].items():
+                new = after[part][name]
+                if part == "weights":
+                    assert old[1:] == new[1:], f"{what}{name}: (dtype, device, requires_grad) {old[1:]} -> {new[1:]}"
+                    old, new = old[0], new[0]
+                # bit for bit (uninitialised weights, such as a missing text_projection, may hold NaN)
+                assert torch.equal(_bits(old), _bits(new)), f"{what}{name}: values changed"
+        else:
+            assert before[part] == after[part], f"{what}{part} changed"
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

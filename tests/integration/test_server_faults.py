@@ -91,6 +91,7 @@ def test_cancel_during_training(comfy_server, tiny_checkpoint, baseline):
     assert "training cancelled at step" in log
     folder = server.models("spectral_shifts") / "faults"
     saved = read_shift(folder / "long_cancelled.safetensors")  # the snapshot is complete and valid
+    assert (folder / "long_cancelled.svdiffstate").is_file()  # and resumable exactly
     assert 0 < json.loads(saved.metadata["svdiff.training"])["steps"] < 100000
     assert not (folder / "long.safetensors").exists() and not _temporaries(server)
     assert server.alive() and torch.equal(_canary(server, tiny_checkpoint, baseline), baseline["latent"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
 from comfyui_svdiff.svdiff.training.config import TrainConfig
 from integration.helpers import base_state, random_shift, tiny_examples, train_tiny
 from support import tiny_models
@@ -73,20 +76,35 @@ def test_same_seed_gives_bit_identical_shifts(build):
     assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
 
 
-def test_resume_continues_exactly(build):
-    """3 steps, save δ and the optimizer state, 2 more == 5 steps straight."""
-    import json
-
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_resume_from_a_file_equals_the_uninterrupted_run_bit_for_bit(build, tmp_path, precision):
+    """3 steps, saved as a file (fp16, the default, or fp32) with its state, 2 more == 5 steps straight."""
     model, clip = build("SD15")
     config = TrainConfig(steps=5, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=5)
     straight = train_tiny(model, clip, config)
     first = train_tiny(model, clip, TrainConfig(steps=3, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=5))
     first.shift.metadata["svdiff.training"] = json.dumps({"steps": first.steps, "losses": first.losses})
-    resumed = train_tiny(model, clip, config, resume=first.shift, optimizer_state=first.optimizer_state)
-    assert resumed.steps == 5
+    path = write_shift(tmp_path / "first.safetensors", first.shift, precision=precision)
+    saved = read_shift(path)
+    if precision == "fp16":  # the file alone would not do: its δ is rounded
+        assert any(not torch.equal(saved.tensors[k].float(), first.shift.tensors[k]) for k in saved.tensors)
+    resumed = train_tiny(model, clip, config, resume=saved, optimizer_state=first.optimizer_state)
+    assert resumed.steps == 5 and resumed.losses[:3] == first.losses and len(resumed.losses) == 5
     for key in straight.shift.tensors:
-        torch.testing.assert_close(resumed.shift.tensors[key], straight.shift.tensors[key], rtol=0, atol=1e-7)
-    assert resumed.losses[:3] == first.losses and len(resumed.losses) == 5
+        assert torch.equal(resumed.shift.tensors[key], straight.shift.tensors[key]), key
+    assert resumed.losses == straight.losses
+
+
+def test_resume_without_the_state_says_it_continues_from_the_rounded_shift(build, tmp_path, caplog):
+    model, clip = build("SD15")
+    first = train_tiny(model, clip, TrainConfig(steps=3, lr_spectral=1e-2, prior_weight=0.0, seed=5))
+    first.shift.metadata["svdiff.training"] = json.dumps({"steps": first.steps, "losses": first.losses})
+    saved = read_shift(write_shift(tmp_path / "alone.safetensors", first.shift, precision="fp16"))
+    with caplog.at_level("WARNING", logger="svdiff"):
+        train_tiny(model, clip, TrainConfig(steps=4, lr_spectral=1e-2, prior_weight=0.0, seed=5), resume=saved)
+    assert "has no training state (.svdiffstate) beside it: training continues from the values rounded as stored in the file (fp16)" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize("arch", ["SD15", "SDXL"])
@@ -207,3 +225,20 @@ def test_text_encoder_training(build, arch):
     a = tiny_models.encode_prompt(clip, "photo of a sks dog")[0][0]
     b = tiny_models.encode_prompt(new_clip, "photo of a sks dog")[0][0]
     assert float((a - b).abs().max()) > 0
+
+
+def test_a_state_of_another_step_is_not_used(comfy_handle, tmp_path, caplog):
+    """A .svdiffstate written for step 2 beside a file at step 3 (e.g. copied by hand) is ignored, with a message."""
+    from comfyui_svdiff.nodes.training import _load_state
+    from comfyui_svdiff.svdiff import fileformat
+    from comfyui_svdiff.svdiff.shift import SpectralShift
+
+    shift = SpectralShift({"diffusion_model.a.delta": torch.zeros(3)}, {"svdiff.training": json.dumps({"steps": 3})}, name="x")
+    path = write_shift(tmp_path / "x.safetensors", shift)
+    state = {"diffusion_model.a.weight.value": torch.ones(3)}
+    for steps, used in (("3", True), ("2", False)):
+        fileformat.atomic_save(path.with_suffix(".svdiffstate"), state, {"svdiff.steps": steps}, overwrite=True)
+        with caplog.at_level("WARNING", logger="svdiff"):
+            loaded = _load_state(path, read_shift(path))
+        assert (loaded is not None) == used
+    assert "x.svdiffstate is the state of step 2, the file is at step 3: not used" in caplog.text

@@ -69,6 +69,30 @@ def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, ima
     more = read_shift(folder / "dog_more.safetensors")
     assert json.loads(more.metadata["svdiff.training"])["steps"] == 5
 
+    # Resumed runs equal the uninterrupted one bit for bit, from the final file and from a
+    # step checkpoint (both fp16 files with their .svdiffstate).
+    straight = comfy_handle.run_prompt(
+        train_prompt(tiny_checkpoint, image_folder, steps=5, filename_prefix="tests/dog_straight", save_every=0),
+        fresh_executor=True,
+        timeout=900,
+    )
+    assert straight.success, straight.error_message
+    from_checkpoint = comfy_handle.run_prompt(
+        train_prompt(
+            tiny_checkpoint, image_folder, steps=5, resume_from="tests/dog_step000002.safetensors", filename_prefix="tests/dog_from2",
+            save_every=0,
+        ),
+        fresh_executor=True,
+        timeout=900,
+    )  # fmt: skip
+    assert from_checkpoint.success, from_checkpoint.error_message
+    reference = read_shift(folder / "dog_straight.safetensors")
+    for name in ("dog_more", "dog_from2"):
+        other = read_shift(folder / f"{name}.safetensors")
+        assert other.tensors.keys() == reference.tensors.keys()
+        assert all(torch.equal(other.tensors[k], reference.tensors[k]) for k in reference.tensors), name
+        assert json.loads(other.metadata["svdiff.training"])["losses"] == json.loads(reference.metadata["svdiff.training"])["losses"]
+
 
 def comfy_handle_cache_dir():
     from comfyui_svdiff.svdiff.cache import default_cache

@@ -90,6 +90,7 @@ __all__ = [
     "check_finite",
     "deterministic_init_",
     "encode_prompt",
+    "encoded_picture",
     "latent_channels",
     "load_checkpoint_checked",
     "make_test_lora",
@@ -697,6 +698,19 @@ def build_vae(
     with _quiet_rng():
         vae = comfy.sd.VAE(sd=sd, config={"params": params}, dtype=dtype)
     return vae
+
+
+def encoded_picture(arch: str, size: int = 128, seed: int = 0) -> dict:
+    """A LATENT of a picture (colour gradients and a disc) through a tiny VAE of ``arch``'s
+    latent size: VAE-encoded content, with the structure and statistics that brings,
+    rather than unit-variance noise."""
+    import numpy as np
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = ((x - 0.55) ** 2 + (y - 0.45) ** 2 < 0.08).astype(float)
+    pixels = np.stack([0.5 + 0.4 * np.sin(6 * x + seed), 0.5 + 0.4 * np.cos(5 * y), 0.2 + 0.6 * disc], -1)
+    vae = build_vae(seed=0, latent_channels=latent_channels(arch))
+    return {"samples": vae.encode(torch.tensor(pixels, dtype=torch.float32)[None])}
 
 
 def _build_taesd_sd(seed: int, latent_channels: int = 4) -> dict[str, torch.Tensor]:
