@@ -346,10 +346,11 @@ class Layer:
     def __init__(self, module: torch.nn.Module, forward: Callable):
         self.module = module
         self.forward = forward
-        self.geometry = ConvGeometry.of(module) if has_activation_form(module) else None
+        self.supported = has_activation_form(module)
+        self.geometry = ConvGeometry.of(module) if self.supported else None
 
     def require_activation_form(self, what: str) -> None:
-        if not has_activation_form(self.module):
+        if not self.supported:
             raise ValueError(
                 f"{what}: a {type(self.module).__name__} layer cannot take a spectral shift in bypass mode (only Linear and Conv "
                 "layers can); load the file in patch mode (Load LoRA, or Load Spectral Shift with mode 'patch', whose bypass "
