@@ -646,19 +646,15 @@ def _is_identity(function, like: torch.Tensor) -> bool:
     return function(probe) is probe
 
 
-def is_spectral_adapter(adapter) -> bool:
-    """Whether ``adapter`` is one of ours.
+def is_spectral_patch(patch: tuple) -> bool:
+    """Whether an entry of ``ModelPatcher.patches[key]`` is one of our adapters.
 
     Compared by adapter name, not class identity: the extension can be imported
     twice under different module names (ComfyUI's loader and a test), and an
     adapter made by one copy must still merge with the other.
     """
+    adapter = patch[1]
     return getattr(adapter, "name", None) == SpectralShiftAdapter.name and hasattr(adapter, "terms")
-
-
-def is_spectral_patch(patch: tuple) -> bool:
-    """Whether an entry of ``ModelPatcher.patches[key]`` is one of our adapters."""
-    return is_spectral_adapter(patch[1])
 
 
 def register() -> bool:
