@@ -19,7 +19,7 @@ def _make_extension():
 
     from .nodes import ALL_NODES, register_model_folder
     from .nodes.routes import register_routes
-    from .svdiff import comfy_bridge
+    from .svdiff.comfy import adapter as weight_adapter
 
     class SVDiffExtension(ComfyExtension):
         loaded = False
@@ -31,7 +31,7 @@ def _make_extension():
                 return
             self.loaded = True
             register_model_folder()
-            adapter = comfy_bridge.register()
+            adapter = weight_adapter.register()
             routes = register_routes()
             log.info("SVDiff loaded: models/spectral_shifts folder, weight adapter %s, routes %s", adapter, routes)
 

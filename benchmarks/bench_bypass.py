@@ -49,10 +49,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
     setup_comfy()
-    from comfyui_svdiff.svdiff import comfy_bridge
-    from comfyui_svdiff.svdiff.apply import apply_shift
+    from comfyui_svdiff.svdiff.comfy import adapter as weight_adapter
+    from comfyui_svdiff.svdiff.comfy import bypass
+    from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 
-    comfy_bridge.register()
+    weight_adapter.register()
     print(header(f"Patch vs bypass: one {args.steps}-step sample at {args.size}² on a full-size SD1.5-shaped UNet (fp32, CPU)"))
     model = random_unet("SD15", torch.float32)
     shift = full_unet_shift(model)
@@ -76,9 +77,9 @@ def main() -> None:
     bypassed, _, _ = apply_shift(model, None, shift, 1.0, 0.0, mode="bypass")
     held = 0
     like = torch.empty(0)
-    for param, adapter in comfy_bridge.bypass_injection(bypassed).adapters.items():
+    for param, adapter in bypass.bypass_injection(bypassed).adapters.items():
         module = comfy.utils.get_attr(model.model, param.rsplit(".", 1)[0])
-        held += adapter._form(comfy_bridge.Layer(module, module.forward), like).nbytes()
+        held += adapter._form(bypass.Layer(module, module.forward), like).nbytes()
         adapter.release_device_copies()
     weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
 

@@ -29,8 +29,9 @@ def main() -> None:
     import torch
 
     from comfyui_svdiff.nodes.editing import DEFAULT_REFINE_CAP
-    from comfyui_svdiff.svdiff import comfy_editing, editing
-    from support import tiny_models
+    from comfyui_svdiff.svdiff import editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
+    from devtools import tiny_models
 
     archs = sys.argv[1:] or list(LABELS)
     print(header("DDIM inversion: reconstruction error at 50 steps (relative, VAE-space latent)"))

@@ -25,9 +25,10 @@ from common import header, random_unet, setup_comfy
 
 def main() -> None:
     setup_comfy()
-    from comfyui_svdiff.svdiff import cache, comfy_merge, merge
+    from comfyui_svdiff.svdiff import cache, merge
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
     from comfyui_svdiff.svdiff.shift import SpectralShift
-    from support import tiny_models
+    from devtools import tiny_models
 
     cache.set_default_cache(cache.DecompositionCache(Path(tempfile.mkdtemp()), ram_mb=256, disk_mb=256))
     model = random_unet("SD15")

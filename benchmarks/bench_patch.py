@@ -76,13 +76,13 @@ def main() -> None:
     import comfy.sd
 
     from comfyui_svdiff.svdiff import cache as cache_module
-    from comfyui_svdiff.svdiff import comfy_bridge
-    from comfyui_svdiff.svdiff.apply import apply_shift
+    from comfyui_svdiff.svdiff.comfy import adapter as weight_adapter
+    from comfyui_svdiff.svdiff.comfy.patching import apply_shift
     from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
     from comfyui_svdiff.svdiff.shift import parse_key
     from comfyui_svdiff.svdiff.spectral import spectral_update
 
-    comfy_bridge.register()
+    weight_adapter.register()
     print(header(f"Patching a full-size {args.arch}-shaped UNet (random weights, fp32 on CPU)"))
     model = random_unet(args.arch, torch.float32)
     shift = full_unet_shift(model)

@@ -70,7 +70,7 @@ def optimizer_steps(patcher, optimizer, steps: int) -> list[float]:
 def variant_c(model, steps):
     import comfy.model_management as mm
 
-    from comfyui_svdiff.svdiff.comfy_training import make_autograd_ready
+    from comfyui_svdiff.svdiff.comfy.training.autograd import make_autograd_ready
 
     make_autograd_ready(model.model)
     mm.load_models_gpu([model], force_full_load=True)
@@ -90,7 +90,7 @@ def variant_a(model, steps):
     """ComfyUI's LoRA training setup (comfy_extras/nodes_train.py) on every weight."""
     from comfy_extras.nodes_train import _setup_lora_adapters
 
-    from comfyui_svdiff.svdiff.comfy_training import make_autograd_ready
+    from comfyui_svdiff.svdiff.comfy.training.autograd import make_autograd_ready
 
     patcher = model.clone()
     make_autograd_ready(patcher.model)
@@ -119,7 +119,7 @@ class _NaiveSpectral(torch.nn.Module):
 
 def variant_b(model, steps):
 
-    from comfyui_svdiff.svdiff.comfy_training import make_autograd_ready
+    from comfyui_svdiff.svdiff.comfy.training.autograd import make_autograd_ready
 
     patcher = model.clone()
     make_autograd_ready(patcher.model)
@@ -133,12 +133,13 @@ def variant_b(model, steps):
 
 
 def variant_s(model, steps, checkpointing=False):
-    """SVDiffTrain's own loop (comfy_training.train), full-UNet subset."""
-    from comfyui_svdiff.svdiff import comfy_training
+    """SVDiffTrain's own loop (svdiff.comfy.training.run.train), full-UNet subset."""
+    from comfyui_svdiff.svdiff.comfy.training.examples import Example
+    from comfyui_svdiff.svdiff.comfy.training.run import TrainRequest, train
     from comfyui_svdiff.svdiff.training.config import TrainConfig
 
     x0, _, context = batch(0)
-    positive = [[context, {}]]
+    conditioning = {"": [[context, {}]]}
     stamps = []
     config = TrainConfig(steps=steps + 1, prior_weight=0.0, flip=False, seed=0)
     start = time.perf_counter()
@@ -146,9 +147,7 @@ def variant_s(model, steps, checkpointing=False):
     def on_step(step, loss, snapshot):
         stamps.append(time.perf_counter())
 
-    comfy_training.train(
-        model, positive, [comfy_training.Example(x0, 0)], [], config, on_step=on_step, gradient_checkpointing=checkpointing
-    )
+    train(TrainRequest(model, config, [Example(x0, "")], conditioning=conditioning, on_step=on_step, gradient_checkpointing=checkpointing))
     return [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)] if len(stamps) > 1 else [stamps[0] - start]
 
 
@@ -157,9 +156,9 @@ VARIANTS = {"C": variant_c, "A": variant_a, "B": variant_b, "S": variant_s, "S+c
 
 def child(name: str, steps: int) -> None:
     setup_comfy()
-    from comfyui_svdiff.svdiff import comfy_bridge
+    from comfyui_svdiff.svdiff.comfy import adapter as weight_adapter
 
-    comfy_bridge.register()
+    weight_adapter.register()
     torch.manual_seed(0)
     with torch.inference_mode():  # as in ComfyUI: weights created while a prompt runs
         model = random_unet("SD15", torch.float32)

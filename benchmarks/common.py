@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository root, for devtools/ (test tooling shared with tests/ and scripts/)
 
 import torch  # noqa: E402
 
@@ -65,14 +65,14 @@ UNET_CONFIGS = {
 
 
 def setup_comfy():
-    from support.comfy_env import find_comfyui
-    from support.tiny_models import prepare_comfy_cpu
+    from devtools.locate import find_comfyui
+    from devtools.tiny_models import prepare_comfy_cpu
 
     root = find_comfyui()
     if root is None:
         raise SystemExit("benchmarks need ComfyUI: set COMFYUI_PATH")
     prepare_comfy_cpu(root)
-    from support.extension import import_extension
+    from devtools.extension import import_extension
 
     import_extension()
     return root

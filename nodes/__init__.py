@@ -1,6 +1,6 @@
 """ComfyUI nodes (V3 schema). One module per capability; registration is in the package root."""
 
-from .common import register_model_folder
+from ..svdiff.comfy.folders import register_model_folder
 from .custom_diffusion import NODES as CUSTOM_DIFFUSION_NODES
 from .editing import NODES as EDITING_NODES
 from .multisubject import NODES as MULTISUBJECT_NODES

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
-
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..svdiff import comfy_merge, fileformat
-from ..svdiff.apply import apply_shift
-from ..svdiff.shift import SpectralShift
-from ..svdiff.training import augment
+from ..svdiff.comfy import merge as comfy_merge
+from ..svdiff.comfy.folders import LORA_FOLDER, SHIFT_FOLDER, file_fingerprint, load_shift_file
+from ..svdiff.comfy.training import jobs
 from ..svdiff.training.config import TrainConfig
-from . import routes
-from .common import (
-    CATEGORY,
-    SHIFT_FOLDER,
-    DatasetType,
-    NodeProgress,
-    SpectralShiftType,
-    file_fingerprint,
-    numbered,
-    require_finite,
-    safe_output_path,
-)
-from .training import _encode_captions, _encode_images, _encode_pixels, _prior_examples, comfy_training_progress
-
-log = logging.getLogger("svdiff")
+from .common import CATEGORY, DatasetType, SpectralShiftType, require_finite
 
 ConceptsType = io.Custom("SVDIFF_CONCEPTS")
-LORA_FOLDER = "loras"
-EMBEDDING_FOLDER = "embeddings"
 
 DELTAS = {
     "K/V weights (Custom Diffusion)": ("full", "UNet-CA-KV", LORA_FOLDER),
@@ -41,36 +19,9 @@ DELTAS = {
     "all-layer spectral shifts (SVDiff)": ("spectral", "UNet", SHIFT_FOLDER),
 }
 AUGMENT = ("auto", "on", "off")
-
-
-def _free_stem(prefix: str, folders: list[str], overwrite: bool) -> tuple[str, dict[str, Path]]:
-    """One file name free in every folder (``name``, ``name_00001``, …) and its paths."""
-    paths = {folder: safe_output_path(folder, prefix, "file") for folder in folders}
-    first, *others = paths.values()
-    if not overwrite:
-        first = numbered(first, *others)
-        paths = {folder: path.with_name(first.name) for folder, path in paths.items()}
-    return first.stem, paths
-
-
-def _embedding_name(path: Path) -> str:
-    root = Path(folder_paths.get_folder_paths(EMBEDDING_FOLDER)[0])
-    return path.relative_to(root).with_suffix("").as_posix()
-
-
-def _augmented_examples(vae, dataset, variants: int, seed: int, flip: bool):
-    """``variants`` draws of the Custom Diffusion policy per (repeated) image, each encoded once."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for item in dataset.expanded():
-        for _ in range(variants):
-            image = item.image
-            if flip and bool(torch.rand((), generator=generator) < 0.5):
-                image = torch.flip(image, dims=[1])
-            aug = augment.draw(generator, dataset.resolution)
-            pixels, mask = augment.apply(image, aug)
-            rows.append((_encode_pixels(vae, pixels, False)[0], aug.prefix + item.caption, mask))
-    return rows
+CONFIG_INPUTS = {"lr_full": "learning_rate", "lr_spectral": "learning_rate_spectral", "lr_token": "learning_rate_token",
+                 "flip": "random_flip"}  # fmt: skip
+"""The training options' names as this node's inputs (for messages)."""
 
 
 class SVDiffTrainCustomDiffusion(io.ComfyNode):
@@ -162,123 +113,25 @@ class SVDiffTrainCustomDiffusion(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, deltas, steps, learning_rate, learning_rate_spectral, modifier_token, initializer_token,
                 learning_rate_token, augmentation, augment_variants, prior_weight, class_prompt, num_class_images, batch_size, random_flip,
                 seed, filename_prefix, overwrite, regularization=None, class_images=None):  # fmt: skip
-        from ..svdiff import comfy_training
-        from ..svdiff.training.cutmix import MultiSubjectDataset
-
         for name, value in (("learning_rate", learning_rate), ("learning_rate_spectral", learning_rate_spectral),
                             ("learning_rate_token", learning_rate_token), ("prior_weight", prior_weight)):  # fmt: skip
             require_finite(name, value)
         if deltas not in DELTAS:
             raise ValueError(f"deltas '{deltas}' is unknown; choose one of {', '.join(DELTAS)}")
-        if isinstance(dataset, MultiSubjectDataset):
-            raise ValueError(
-                "dataset: Custom Diffusion trains from plain image folders; use 'Train Spectral Shift' for Cut-Mix-Unmix datasets"
-            )
         method, subset, folder = DELTAS[deltas]
-        token = modifier_token.strip()
-        try:
-            config = TrainConfig(
-                steps=steps, batch_size=batch_size, lr_spectral=learning_rate_spectral, lr_full=learning_rate, lr_token=learning_rate_token,
-                prior_weight=prior_weight, subset=subset, seed=seed, flip=random_flip, method=method, modifier_token=token,
-                initializer_token=initializer_token.strip() or "42170",
-            )  # fmt: skip
-        except ValueError as exc:
-            message = str(exc)
-            for field, label in (
-                ("lr_full", "learning_rate"),
-                ("lr_spectral", "learning_rate_spectral"),
-                ("lr_token", "learning_rate_token"),
-            ):
-                message = message.replace(field, label)
-            raise ValueError(message) from None
-        folders = [folder, EMBEDDING_FOLDER] if token else [folder]
-        _free_stem(filename_prefix, folders, overwrite)  # refuse a bad prefix before training
-        if token and not any(token in item.caption for item in dataset.items):
-            raise ValueError(
-                f"no caption of the dataset contains the modifier token '{token}'; write it into the captions "
-                f"(e.g. 'photo of a {token} cat'), or clear modifier_token"
-            )
-        augmenting = augmentation == "on" or (augmentation == "auto" and method == "full")
-        node_id = cls.hidden.unique_id
-        if augmenting:
-            instance_raw = [
-                (lat, None, caption, mask) for lat, caption, mask in _augmented_examples(vae, dataset, augment_variants, seed, random_flip)
-            ]
-        else:
-            instance_raw = [(lat, flipped, caption, None) for lat, flipped, caption in _encode_images(vae, dataset, random_flip)]
-        prior_raw = []
-        if prior_weight > 0:
-            prior_raw = _prior_examples(
-                model, clip, vae, regularization, class_images, class_prompt, num_class_images, dataset.resolution, seed, node_id
-            )
-        all_captions = sorted({c for _, _, c, _ in instance_raw} | {c for _, _, c in prior_raw})
-        positive = _encode_captions(clip, all_captions)
-        index = {caption: i for i, caption in enumerate(all_captions)}
-        instance = [comfy_training.Example(lat, index[c], flipped, None, mask) for lat, flipped, c, mask in instance_raw]
-        prior = [comfy_training.Example(lat, index[c], flipped) for lat, flipped, c in prior_raw]
-
-        architecture = type(model.model.model_config).__name__
-        metadata = {"svdiff.method": "custom-diffusion" if method == "full" else "svdiff", "svdiff.deltas": deltas}
-        if token:
-            metadata |= {"svdiff.modifier_token": token, "svdiff.initializer_token": config.initializer_token}
-        bar = NodeProgress(steps, node_id)
-        stream = routes.LossStream(node_id, steps)
-        stream.start()
-        latest = {}
-
-        def on_step(step, loss, context):
-            stream.add(step, loss)
-            latest["step"] = step
-            bar(step, steps)
-            if step % max(1, steps // 20) == 0 or step == steps:
-                log.info("SVDiff Custom Diffusion step %d/%d loss %.5f", step, steps, loss)
-
-        try:
-            result = comfy_training.train(
-                model, positive, instance, prior, config, on_step=on_step, progress=comfy_training_progress(node_id),
-                architecture=architecture, metadata=metadata, clip=clip, captions=all_captions,
-            )  # fmt: skip
-        finally:  # train() itself restores the shared model, whatever happened
-            stream.flush(latest.get("step", 0))
-        stream.done(result.steps)
-
-        stem, paths = _free_stem(filename_prefix, folders, overwrite)
-        summary = comfy_training.learning_summary(
-            config, result.steps, result.losses, {"captions": all_captions[:50], "images": len(instance)}
-        )
-        shift = result.shift
-        shift.name = stem
-        shift.metadata |= {"svdiff.name": stem, "svdiff.training": json.dumps(summary)}
-        embedding_name = _embedding_name(paths[EMBEDDING_FOLDER]) if token else ""
-        if token:
-            shift.metadata["svdiff.trigger_words"] = f"embedding:{embedding_name}"
-            shift.metadata["svdiff.embedding"] = embedding_name
-        fileformat.write_shift(paths[folder], shift, precision="fp16", overwrite=overwrite)
-        if token:
-            meta = {
-                "svdiff.modifier_token": token,
-                "svdiff.initializer_token": config.initializer_token,
-                "svdiff.deltas_file": f"{folder}/{paths[folder].name}",
-                "svdiff.architecture": architecture,
-                "svdiff.steps": str(result.steps),
-            }
-            try:
-                fileformat.atomic_save(paths[EMBEDDING_FOLDER], result.embedding, meta, overwrite=overwrite)
-            except BaseException:
-                paths[folder].unlink(missing_ok=True)  # both files or neither
-                raise
-        new_model, _, _ = apply_shift(model, None, shift, 1.0, 0.0)
-        used = f"embedding:{embedding_name}" if token else ""
-        files = f"models/{folder}/{paths[folder].name}" + (f" and models/embeddings/{paths[EMBEDDING_FOLDER].name}" if token else "")
-        text = (
-            f"trained {result.layers} layers ({result.parameters:,} values) for {result.steps} steps in {result.seconds:.0f} s; "
-            f"final loss {result.losses[-1]:.4f}; saved {files}"
-            + (f". In prompts write '{used}' where the captions had '{token}'" if token else "")
-            + (f"; {len(instance)} augmented examples" if augmenting else "")
-        )
-        log.info("SVDiff %s", text)
-        curve_ui = {"svdiff_loss": [routes.finite_or_none(x) for x in result.losses[-routes.MAX_UI_LOSSES :]]}
-        return io.NodeOutput(new_model, clip, shift, used, {"loss": list(result.losses)}, ui={"text": (text,), **curve_ui})
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, lr_spectral=learning_rate_spectral, lr_full=learning_rate, lr_token=learning_rate_token,
+            prior_weight=prior_weight, subset=subset, seed=seed, flip=random_flip, method=method, modifier_token=modifier_token.strip(),
+            initializer_token=initializer_token.strip() or "42170", labels=CONFIG_INPUTS,
+        )  # fmt: skip
+        trained = jobs.train_custom_diffusion(
+            node_id=cls.hidden.unique_id, model=model, clip=clip, vae=vae, dataset=dataset, config=config, folder=folder, deltas=deltas,
+            augmenting=augmentation == "on" or (augmentation == "auto" and method == "full"), augment_variants=augment_variants,
+            class_prompt=class_prompt, num_class_images=num_class_images, filename_prefix=filename_prefix, overwrite=overwrite,
+            regularization=regularization, class_images=class_images,
+        )  # fmt: skip
+        losses = {"loss": list(trained.result.losses)}
+        return io.NodeOutput(trained.model, trained.clip, trained.shift, trained.token, losses, ui=trained.ui)
 
 
 def _lora_files() -> list[str]:
@@ -303,8 +156,6 @@ class SVDiffLoadKVDeltas(io.ComfyNode):
 
     @classmethod
     def execute(cls, deltas_name):
-        from .patching import load_shift_file
-
         return io.NodeOutput(load_shift_file(deltas_name, LORA_FOLDER, "deltas_name"))
 
 
@@ -390,25 +241,7 @@ class SVDiffMergeConcepts(io.ComfyNode):
         ]
         if not captions:
             raise ValueError("regularization captions: the list is empty; turn on builtin_captions or write captions in extra_captions")
-        target = None
-        if filename_prefix.strip():
-            target = _free_stem(filename_prefix, [LORA_FOLDER], False)[1][LORA_FOLDER]
-        progress = NodeProgress(1, cls.hidden.unique_id)
-        merged, patches, report = comfy_merge.merge_concepts(model, clip, concepts, captions, progress=progress)
-        architecture = type(model.model.model_config).__name__
-        tensors = {key[: -len(".weight")] + ".diff": delta for key, delta in patches.items()}
-        metadata = {
-            "svdiff.architecture": architecture,
-            "svdiff.method": "custom-diffusion-merge",
-            "svdiff.concepts": json.dumps([{"deltas": c.deltas.name, "token": c.token, "prompts": c.prompts} for c in concepts]),
-            "svdiff.trigger_words": ", ".join(c.token for c in concepts),
-        }
-        shift = SpectralShift(tensors, metadata, {}, name=target.stem if target else "merged")
-        text = report.text()
-        if target is not None:
-            fileformat.write_shift(target, shift, precision="fp16")
-            text += f"\nsaved models/loras/{target.name}"
-        log.info("SVDiff %s", text)
+        merged, shift, text = comfy_merge.merge_to_file(model, clip, concepts, captions, filename_prefix, cls.hidden.unique_id)
         return io.NodeOutput(merged, shift, text, ui={"text": (text,)})
 
 

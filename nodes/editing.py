@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..svdiff import comfy_editing, editing
-from .common import CATEGORY, NodeProgress, log
+from ..svdiff import editing
+from ..svdiff.comfy import editing as comfy_editing
+from ..svdiff.comfy.progress import NodeProgress
+from .common import CATEGORY, log
 
 EDIT_CATEGORY = f"{CATEGORY}/editing"
 # Refinements per step at most (they stop at the tolerance first: ~6 per step on the tiny
@@ -80,7 +82,7 @@ class SVDiffDDIMInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, sigmas, cfg, refine_iterations, negative=None, tolerance=None) -> io.NodeOutput:
         steps = max(int(sigmas.shape[-1]) - 1, 0)
-        progress = NodeProgress(steps, cls.hidden.unique_id)
+        progress = NodeProgress(cls.hidden.unique_id, steps)
         tolerance = editing.DEFAULT_TOLERANCE if tolerance is None else tolerance
 
         def callback(step, _x0, _x, total):

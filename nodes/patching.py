@@ -5,62 +5,26 @@ Node IDs are public (saved in users' workflows) and never change.
 
 from __future__ import annotations
 
-import json
-import threading
-from collections import OrderedDict
-from pathlib import Path
-
-import folder_paths
 from comfy_api.latest import io, ui
 
-from ..svdiff import fileformat
-from ..svdiff.apply import MODES, apply_shift
-from ..svdiff.export import export_lora
+from ..svdiff.comfy.export import write_lora
+from ..svdiff.comfy.folders import (
+    LORA_FOLDER,
+    SHIFT_FOLDER,
+    file_fingerprint,
+    free_paths,
+    load_shift_file,
+    relative_name,
+    save_shift,
+    shift_files,
+)
+from ..svdiff.comfy.patching import MODES, apply_shift
+from ..svdiff.comfy.progress import NodeProgress
 from ..svdiff.inspection import cosine_plot, describe, magnitude_plot, to_image_tensor
 from ..svdiff.layers import layer_selector
 from ..svdiff.shift import SpectralShift, combine, select
 from ..svdiff.targets import ShiftMismatchError
-from .common import (
-    CATEGORY,
-    SHIFT_FOLDER,
-    NodeProgress,
-    SpectralShiftType,
-    file_fingerprint,
-    log,
-    model_file,
-    numbered,
-    require_finite,
-    safe_output_path,
-    shift_files,
-)
-
-# ----------------------------------------------------------------------------------
-# Loading (with a small cache keyed by path, size and mtime)
-
-_loaded: OrderedDict[tuple[str, int, int], SpectralShift] = OrderedDict()
-_loaded_lock = threading.Lock()
-_LOADED_MAX = 8
-
-
-def load_shift_file(name: str, folder: str = SHIFT_FOLDER, input_name: str = "shift_name") -> SpectralShift:
-    """A listed file of ``folder`` read as a shift, memoised while the file is unchanged."""
-    path = model_file(folder, name, input_name)
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    with _loaded_lock:
-        if key in _loaded:
-            _loaded.move_to_end(key)
-            return _loaded[key]
-    try:
-        shift = fileformat.read_shift(path)
-    except fileformat.ShiftFileError as exc:
-        raise fileformat.ShiftFileError(f"{input_name}: {exc}") from None
-    shift.name = Path(name).stem if shift.name == path.stem else shift.name
-    with _loaded_lock:
-        _loaded[key] = shift
-        while len(_loaded) > _LOADED_MAX:
-            _loaded.popitem(last=False)
-    return shift
+from .common import CATEGORY, SpectralShiftType, log, require_finite
 
 
 def _strength_inputs():
@@ -104,7 +68,7 @@ def _apply(model, clip, shift: SpectralShift, strength_model: float, strength_cl
     total = len(shift.tensors)
     try:
         new_model, new_clip, report = apply_shift(
-            model, clip, shift, strength_model, strength_clip, progress=NodeProgress(total, node_id), mode=mode
+            model, clip, shift, strength_model, strength_clip, progress=NodeProgress(node_id, total), mode=mode
         )
     except ShiftMismatchError as exc:
         raise ShiftMismatchError(f"{input_name}: {exc}") from None
@@ -318,18 +282,11 @@ class SVDiffSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, shift, filename_prefix, precision, overwrite, trigger_words="", description=""):
-        target = safe_output_path(SHIFT_FOLDER, filename_prefix, "spectral-shift file")
-        if not overwrite:
-            target = numbered(target)
-        to_save = SpectralShift(dict(shift.tensors), dict(shift.metadata), dict(shift.base_hashes), target.stem)
-        if trigger_words.strip():
-            to_save.metadata["svdiff.trigger_words"] = trigger_words.strip()
-        if description.strip():
-            to_save.metadata["svdiff.description"] = description.strip()
-        to_save.metadata.setdefault("svdiff.name", target.stem)
-        fileformat.write_shift(target, to_save, precision=precision, overwrite=overwrite)
-        root = Path(folder_paths.get_folder_paths(SHIFT_FOLDER)[0])
-        relative = target.relative_to(root).as_posix()
+        target = free_paths(filename_prefix, [SHIFT_FOLDER], overwrite, "spectral-shift file")[SHIFT_FOLDER]
+        metadata = {"svdiff.trigger_words": trigger_words.strip(), "svdiff.description": description.strip()}
+        extra = {k: v for k, v in metadata.items() if v}
+        save_shift(shift, target, precision=precision, overwrite=overwrite, keep_name=True, metadata=extra)
+        relative = relative_name(SHIFT_FOLDER, target)
         size_kib = target.stat().st_size / 1024
         text = f"saved {relative} ({size_kib:,.1f} KiB, {precision})"
         log.info("SVDiff %s", text)
@@ -398,26 +355,10 @@ class SVDiffExportLoRA(io.ComfyNode):
     def execute(cls, model, shift, rank, strength_model, strength_clip, filename_prefix, precision, clip=None):
         strength_model = require_finite("strength_model", strength_model)
         strength_clip = require_finite("strength_clip", strength_clip)
-        target = numbered(safe_output_path("loras", filename_prefix, "LoRA file"))
-        tensors, report = export_lora(
-            model, clip, shift, rank, strength_model, strength_clip, progress=NodeProgress(len(shift.tensors), cls.hidden.unique_id)
-        )
-        if not tensors:
-            raise ValueError(f"'{shift.name}' changes no weight at these strengths; nothing to export")
-        dtype = {"fp16": "float16", "fp32": "float32"}[precision]
-        import torch
-
-        out = {k: v.to(getattr(torch, dtype)).contiguous() if v.ndim else v.float() for k, v in tensors.items()}
-        metadata = {
-            "svdiff.exported_from": shift.name,
-            "svdiff.architecture": shift.architecture,
-            "svdiff.export_rank": str(rank),
-            "svdiff.export_error": f"{report.total_error:.6e}",
-            "svdiff.export_per_layer_error": json.dumps({k: round(v, 6) for k, v in report.per_layer.items()}),
-        }
-        fileformat.atomic_save(target, out, metadata)
-        root = Path(folder_paths.get_folder_paths("loras")[0])
-        text = f"saved {target.relative_to(root).as_posix()} in models/loras\n{report.summary(rank)}"
+        target = free_paths(filename_prefix, [LORA_FOLDER], False, "LoRA file")[LORA_FOLDER]
+        progress = NodeProgress(cls.hidden.unique_id, len(shift.tensors))
+        report = write_lora(target, model, clip, shift, rank, strength_model, strength_clip, precision, progress)
+        text = f"saved {relative_name(LORA_FOLDER, target)} in models/loras\n{report.summary(rank)}"
         log.info("SVDiff export: %s", text)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 

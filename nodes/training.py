@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
 from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..svdiff import fileformat
-from ..svdiff.apply import apply_shift, check_fits
-from ..svdiff.cache import content_hash, default_cache
-from ..svdiff.inspection import line_chart, to_image_tensor
-from ..svdiff.shift import SpectralShift
-from ..svdiff.training import attention as attention_math
+from ..svdiff.comfy.folders import shift_files
+from ..svdiff.comfy.training import jobs
 from ..svdiff.training import data as training_data
-from ..svdiff.training.config import OPTIMIZERS, AttentionConfig, TrainConfig
-from ..svdiff.training.cutmix import MultiSubjectDataset, multi_subject_plan
+from ..svdiff.training.config import OPTIMIZERS, TrainConfig
 from ..svdiff.training.subsets import CUSTOM, SUBSETS
-from . import routes
-from .common import (
-    CATEGORY,
-    SHIFT_FOLDER,
-    AttentionType,
-    DatasetType,
-    SpectralShiftType,
-    numbered,
-    require_finite,
-    safe_output_path,
-    shift_files,
-    shift_path,
-)
+from .common import CATEGORY, AttentionType, DatasetType, SpectralShiftType, require_finite
 
-log = logging.getLogger("svdiff")
-NO_RESUME = "[none]"
+CONFIG_INPUTS = {"lr_spectral": "learning_rate", "lr_1d": "learning_rate_1d", "lr_text": "learning_rate_text", "subset": "layers",
+                 "patterns": "name_patterns", "flip": "random_flip"}  # fmt: skip
+"""The training options' names as this node's inputs (for messages)."""
+NO_RESUME = jobs.NO_RESUME
 
 
 # ----------------------------------------------------------------------------------
@@ -135,204 +116,6 @@ class SVDiffDatasetFromImages(io.ComfyNode):
 
 # ----------------------------------------------------------------------------------
 # Training
-
-
-def _encode_pixels(vae, image: torch.Tensor, flip: bool):
-    """VAE latent of an (H, W, C) image and, with ``flip``, of its mirror image."""
-    pixels = image[None, ..., :3]
-    return vae.encode(pixels), (vae.encode(torch.flip(pixels, dims=[2])) if flip else None)
-
-
-def _encode_images(vae, dataset: training_data.Dataset, flip: bool):
-    """(latent, mirrored latent, caption) of each (repeated) image."""
-    return [(*_encode_pixels(vae, item.image, flip), item.caption) for item in dataset.expanded()]
-
-
-def _encode_captions(clip, captions: list[str]) -> list:
-    conditioning = []
-    for caption in captions:
-        tokens = clip.tokenize(caption)
-        conditioning.extend(clip.encode_from_tokens_scheduled(tokens))
-    return conditioning
-
-
-def _model_fingerprint(model) -> str:
-    """Cheap identity of a base model: hashes of a few of its weights (memoised)."""
-    state = model.model_state_dict()
-    keys = sorted(k for k in state if k.startswith("diffusion_model.") and state[k].ndim >= 2)
-    picked = [keys[0], keys[len(keys) // 2], keys[-1]] if keys else []
-    return hashlib.sha256("".join(content_hash(state[k]) for k in picked).encode()).hexdigest()[:16]
-
-
-def _generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: int, node_id) -> list[torch.Tensor]:
-    """Class images from the base model (DreamBooth practice), cached on disk as latents."""
-    import comfy.sample
-    import comfy.utils
-
-    key = hashlib.sha256(json.dumps([_model_fingerprint(model), prompt, count, resolution, seed, 25, 7.0]).encode()).hexdigest()[:24]
-    path = default_cache().directory / "priors" / f"{key}.safetensors"
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        latents = load_file(str(path))["latents"]
-        log.info("SVDiff: %d prior latents for '%s' from cache", latents.shape[0], prompt)
-        return [latents[i : i + 1] for i in range(latents.shape[0])]
-    log.info("SVDiff: generating %d prior images for '%s'", count, prompt)
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    channels = model.get_model_object("latent_format").latent_channels
-    latents = []
-    bar = comfy.utils.ProgressBar(count, node_id=node_id)
-    for i in range(count):
-        empty = torch.zeros(1, channels, resolution // 8, resolution // 8)
-        noise = comfy.sample.prepare_noise(empty, seed + i)
-        sample = comfy.sample.sample(model, noise, 25, 7.0, "euler", "normal", positive, negative, empty, seed=seed + i, disable_pbar=True)
-        latents.append(sample.cpu())
-        bar.update_absolute(i + 1, count)
-    stacked = torch.cat(latents)
-    fileformat.atomic_save(path, {"latents": stacked.contiguous()}, {"prompt": prompt}, overwrite=True)
-    return latents
-
-
-def _prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, node_id):
-    if class_dataset is not None:
-        return _encode_images(vae, class_dataset, flip=False)
-    if class_images is not None:
-        if not class_prompt.strip():
-            raise ValueError("class_images is connected but class_prompt is empty; write the class of the subject, e.g. 'photo of a dog'")
-        dataset = training_data.from_images(class_images, [class_prompt.strip()], resolution)
-        return _encode_images(vae, dataset, flip=False)
-    if num_class_images > 0:
-        if not class_prompt.strip():
-            raise ValueError("class_prompt is empty; write the class of your subject (e.g. 'photo of a dog') or set prior_weight to 0")
-        latents = _generate_prior(model, clip, class_prompt.strip(), num_class_images, resolution, seed, node_id)
-        return [(lat, None, class_prompt.strip()) for lat in latents]
-    raise ValueError(
-        "prior_weight is above 0 but there is no prior data: connect class_images or class_dataset, "
-        "or set class_prompt and num_class_images to generate them, or set prior_weight to 0"
-    )
-
-
-def _single_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool) -> list:
-    """(latent, mirrored latent, caption, attention targets) of each (repeated) image."""
-    from ..svdiff import comfy_training
-
-    targets = {}
-    if attention is not None:
-        if attention.unmix_weight > 0:
-            raise ValueError(
-                "unmix_weight needs a Cut-Mix-Unmix dataset (collages of two subjects); connect SVDiffCutMixUnmix, or set unmix_weight to 0"
-            )
-        if not dataset.trigger or not attention.class_word:
-            raise ValueError(
-                "subject_weight (eq. 10) needs the dataset's trigger_word and the attention node's class_word (e.g. 'sks' and 'dog'); "
-                "set both, or set subject_weight to 0"
-            )
-        for caption in dataset.captions():
-            targets[caption] = comfy_training.AttentionTargets(
-                special=comfy_training.token_positions(clip, caption, dataset.trigger),
-                class_positions=comfy_training.token_positions(clip, caption, attention.class_word),
-            )
-    return [(lat, mirrored, caption, targets.get(caption)) for lat, mirrored, caption in _encode_images(vae, dataset, flip)]
-
-
-def _multi_subject_examples(dataset, model, clip, vae, attention, flip, prior_weight, num_class_images, seed, node_id):
-    """Examples and the training plan of a Cut-Mix-Unmix dataset.
-
-    Instance rows: each subject's images (mirrored at random like single-subject
-    data), then the collages (never mirrored: their captions say left and right).
-    Prior rows: each subject's class images, then the prior collages.
-    """
-    from ..svdiff import comfy_training
-
-    if prior_weight > 0 and not dataset.has_class_images():
-        if num_class_images <= 0:
-            raise ValueError(
-                "prior_weight is above 0 but the Cut-Mix-Unmix subjects have no class images: connect class_1, class_2, … on the "
-                "Cut-Mix-Unmix node, or set num_class_images to generate them, or set prior_weight to 0"
-            )
-        images, captions = [], []
-        for subject in dataset.subjects:
-            prompt = f"photo of a {subject.class_phrase}"
-            latents = _generate_prior(model, clip, prompt, num_class_images, dataset.resolution, seed, node_id)
-            with torch.inference_mode():
-                images.append([vae.decode(lat)[0, ..., :3].float().cpu() for lat in latents])
-            captions.append([prompt] * num_class_images)
-        dataset = dataset.with_class_images(images, captions)
-    unmix = attention is not None and attention.unmix_weight > 0
-    subject_reg = attention is not None and attention.subject_weight > 0
-    instance, single_rows, collage_rows = [], [], []
-    for subject in dataset.subjects:
-        rows = []
-        for image, caption in zip(subject.images, subject.captions, strict=True):
-            targets = None
-            if subject_reg:
-                targets = comfy_training.AttentionTargets(
-                    special=comfy_training.token_positions(clip, caption, subject.token),
-                    class_positions=comfy_training.token_positions(clip, caption, subject.class_phrase),
-                )
-            rows.append(len(instance))
-            instance.append((*_encode_pixels(vae, image, flip), caption, targets))
-        single_rows.append(rows)
-    for collage in dataset.collages:
-        targets = None
-        if unmix:
-            latent_grid = (dataset.resolution // 8, dataset.resolution // 8)
-            regions = [
-                (comfy_training.token_positions(clip, collage.caption, dataset.subjects[s].token), attention_math.pooled(mask, latent_grid))
-                for s, mask in zip(collage.subjects, collage.masks, strict=True)
-            ]
-            targets = comfy_training.AttentionTargets(regions=regions)
-        collage_rows.append(len(instance))
-        instance.append((_encode_pixels(vae, collage.image, False)[0], None, collage.caption, targets))
-    prior, prior_single, prior_collage = [], [], []
-    if prior_weight > 0:
-        for subject in dataset.subjects:
-            rows = []
-            for image, caption in zip(subject.class_images, subject.class_captions, strict=True):
-                rows.append(len(prior))
-                prior.append((_encode_pixels(vae, image, False)[0], None, caption, None))
-            prior_single.append(rows)
-        for collage in dataset.prior_collages:
-            prior_collage.append(len(prior))
-            prior.append((_encode_pixels(vae, collage.image, False)[0], None, collage.caption, None))
-    plan = multi_subject_plan(dataset.probability, single_rows, collage_rows, prior_single, prior_collage)
-    return instance, prior, plan
-
-
-def _save(shift: SpectralShift, prefix: str, state: dict[str, torch.Tensor] | None, overwrite: bool = False) -> Path:
-    target = safe_output_path(SHIFT_FOLDER, prefix, "spectral-shift file")
-    if not overwrite:
-        target = numbered(target)
-    shift.name = target.stem
-    shift.metadata["svdiff.name"] = target.stem
-    fileformat.write_shift(target, shift, precision="fp16", overwrite=overwrite)
-    if state:
-        steps = str(shift.training_summary().get("steps", ""))
-        fileformat.atomic_save(
-            target.with_suffix(".svdiffstate"),
-            {k: v.contiguous().cpu() for k, v in state.items()},
-            {"svdiff.state_for": target.name, "svdiff.steps": steps},
-            overwrite=True,
-        )
-    return target
-
-
-def _load_state(path: Path, shift: SpectralShift) -> dict[str, torch.Tensor] | None:
-    """The training state saved beside ``path``, if it belongs to that file's step."""
-    sidecar = path.with_suffix(".svdiffstate")
-    if not sidecar.is_file():
-        return None
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(sidecar), framework="pt") as f:
-        steps = (f.metadata() or {}).get("svdiff.steps")
-    expected = str(shift.training_summary().get("steps", ""))
-    if steps is not None and steps != expected:
-        log.warning("resume_from: %s is the state of step %s, the file is at step %s: not used", sidecar.name, steps, expected)
-        return None
-    return load_file(str(sidecar))
 
 
 class SVDiffTrain(io.ComfyNode):
@@ -447,198 +230,23 @@ class SVDiffTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, learning_rate_1d, layers, name_patterns, rank, train_text_encoder, learning_rate_text, prior_weight, class_prompt,
                 num_class_images, batch_size, grad_accumulation, optimizer, warmup_steps, max_grad_norm, random_flip, gradient_checkpointing, seed,
                 save_every, filename_prefix, resume_from, save_on_cancel, preview_every, preview_prompt, class_images=None, class_dataset=None, attention=None):  # fmt: skip
-        import comfy.model_management
-        import comfy.utils
-
-        from ..svdiff import comfy_training
-
-        for name, value in (
-            ("learning_rate", learning_rate),
-            ("learning_rate_1d", learning_rate_1d),
-            ("prior_weight", prior_weight),
-            ("max_grad_norm", max_grad_norm),
-        ):
+        for name, value in (("learning_rate", learning_rate), ("learning_rate_1d", learning_rate_1d), ("prior_weight", prior_weight),
+                            ("max_grad_norm", max_grad_norm)):  # fmt: skip
             require_finite(name, value)
-        try:
-            config = TrainConfig(
-                steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, lr_spectral=learning_rate, lr_1d=learning_rate_1d,
-                optimizer=optimizer, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, prior_weight=prior_weight, subset=layers,
-                patterns=name_patterns, rank=rank, seed=seed, flip=random_flip, train_text_encoder=train_text_encoder, lr_text=learning_rate_text,
-            )  # fmt: skip
-        except ValueError as exc:  # name the node's inputs, not the config fields
-            message = str(exc)
-            for field, label in (
-                ("lr_spectral", "learning_rate"),
-                ("lr_1d", "learning_rate_1d"),
-                ("lr_text", "learning_rate_text"),
-                ("subset", "layers"),
-            ):
-                message = message.replace(field, label)
-            raise ValueError(message) from None
-        safe_output_path(SHIFT_FOLDER, filename_prefix, "spectral-shift file")  # refuse a bad prefix before hours of training
-        node_id = cls.hidden.unique_id
-        resume = None
-        state = None
-        if resume_from != NO_RESUME:
-            resume_path = shift_path(resume_from)
-            try:
-                resume = fileformat.read_shift(resume_path)
-                check_fits(model, clip, resume)
-            except ValueError as exc:  # ShiftFileError, ShiftMismatchError
-                raise ValueError(f"resume_from: {exc}") from None
-            state = _load_state(resume_path, resume)
-
-        plan = None
-        if isinstance(dataset, MultiSubjectDataset):
-            instance_raw, prior_raw, plan = _multi_subject_examples(
-                dataset, model, clip, vae, attention, random_flip, prior_weight, num_class_images, seed, node_id
-            )
-        else:
-            instance_raw = _single_subject_examples(dataset, clip, vae, attention, random_flip)
-            prior_raw = []
-            if prior_weight > 0:
-                prior_raw = [
-                    (lat, flipped, caption, None)
-                    for lat, flipped, caption in _prior_examples(
-                        model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, seed, node_id
-                    )
-                ]
-        captions = sorted({caption for _, _, caption, _ in instance_raw})
-        all_captions = sorted(set(captions) | {caption for _, _, caption, _ in prior_raw})
-        positive = _encode_captions(clip, all_captions)
-        index = {caption: i for i, caption in enumerate(all_captions)}
-        instance = [comfy_training.Example(lat, index[c], flipped, targets) for lat, flipped, c, targets in instance_raw]
-        prior = [comfy_training.Example(lat, index[c], flipped, targets) for lat, flipped, c, targets in prior_raw]
-
-        architecture = type(model.model.model_config).__name__
-        trigger = dataset.trigger
-        summary_extra = {
-            "captions": all_captions[:50],
-            "class_prompt": class_prompt,
-            "trigger_words": [word.strip() for word in trigger.split(",") if word.strip()],
-            "images": len(instance),
-        }
-        metadata = {"svdiff.trigger_words": trigger} if trigger else {}
-        bar = comfy.utils.ProgressBar(steps, node_id=node_id)
-        stream = routes.LossStream(node_id, steps)
-        stream.start()
-        losses_seen: list[float] = []
-        saved: list[str] = []
-        started = time.perf_counter()
-
-        def finish_metadata(shift: SpectralShift, step: int, losses: list[float]) -> SpectralShift:
-            shift.metadata["svdiff.training"] = json.dumps(comfy_training.learning_summary(config, step, losses, summary_extra))
-            return shift
-
-        latest: dict = {}
-        preview = _Previewer(clip, vae, preview_prompt.strip() or captions[0], dataset.resolution, seed, model) if preview_every else None
-
-        def on_step(step, loss, context):
-            losses_seen.append(loss)
-            stream.add(step, loss)
-            latest.update(step=step, context=context)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            image = preview(context, step) if preview is not None and step % preview_every == 0 else None
-            bar.update_absolute(step, steps, preview=image)
-            if step % max(1, steps // 20) == 0 or step == steps:
-                log.info("SVDiff train step %d/%d loss %.5f (%.1f s)", step, steps, loss, time.perf_counter() - started)
-            if save_every and step % save_every == 0 and step < steps:
-                path = _save(finish_metadata(context.snapshot(), step, losses_seen), f"{filename_prefix}_step{step:06d}", context.state())
-                saved.append(path.name)
-
-        log.info("SVDiff: training %s", _describe_subset(model, config))
-        try:
-            result = comfy_training.train(
-                model, positive, instance, prior, config, resume=resume, optimizer_state=state, on_step=on_step,
-                progress=comfy_training_progress(node_id), architecture=architecture, metadata=metadata,
-                gradient_checkpointing=gradient_checkpointing, clip=clip, captions=all_captions, plan=plan, attention=attention,
-            )  # fmt: skip
-        except comfy.model_management.InterruptProcessingException:
-            if save_on_cancel and "context" in latest:
-                shift = finish_metadata(latest["context"].snapshot(), latest["step"], losses_seen)
-                path = _save(shift, f"{filename_prefix}_cancelled", latest["context"].state())
-                log.warning("SVDiff: training cancelled at step %d; saved %s", latest["step"], path.name)
-            raise
-        finally:  # train() itself restores the shared model, whatever happened
-            stream.flush(latest.get("step", 0))
-
-        stream.done(result.steps)
-        shift = finish_metadata(result.shift, result.steps, result.losses)
-        path = _save(shift, filename_prefix, result.optimizer_state)
-        new_model, new_clip, _ = apply_shift(model, clip, shift, 1.0, 1.0)
-        curve = line_chart(result.losses, f"SVDiff training loss ({result.steps} steps)", smooth=max(1, len(result.losses) // 50))
-        curve_tensor = to_image_tensor([curve])
-        size_kb = path.stat().st_size / 1000
-        text = (
-            f"trained {result.layers} layers ({result.parameters:,} values) for {result.steps} steps in {result.seconds:.0f} s; "
-            f"final loss {result.losses[-1]:.4f}; saved {path.name} ({size_kb:,.0f} KB)"
-        )
-        log.info("SVDiff %s", text)
-        loss_map = {"loss": list(result.losses)}
-        # The node's curve after the run (and after a page reload, from /history).
-        curve_ui = {"svdiff_loss": [routes.finite_or_none(x) for x in result.losses[-routes.MAX_UI_LOSSES :]]}
-        return io.NodeOutput(
-            new_model,
-            new_clip,
-            shift,
-            loss_map,
-            curve_tensor,
-            ui={"text": (text,), **curve_ui},  # the curve is drawn on the node by web/svdiff.js
-        )
-
-
-def _describe_subset(model, config: TrainConfig) -> str:
-    """Parameter count and file size of the chosen layers, before training starts."""
-    from ..svdiff.spectral import spectrum_length
-    from ..svdiff.training.subsets import select_parameters
-
-    shapes = {k: tuple(v.shape) for k, v in model.model_state_dict().items()}
-    keys = select_parameters(shapes, config.subset, config.patterns)
-    values = 0
-    for key in keys:
-        shape = shapes[key]
-        if len(shape) >= 2:
-            r = spectrum_length(shape)
-            values += min(r, config.rank) if config.rank else r
-        else:
-            values += shape[0]
-    header = 110 * len(keys)  # safetensors header bytes per tensor, roughly
-    return f"{len(keys)} layers, {values:,} values, about {(values * 2 + header) / 1000:,.0f} KB as fp16 ({config.subset})"
-
-
-class _Previewer:
-    """A few-step sample with the shift so far, decoded for the progress bar."""
-
-    def __init__(self, clip, vae, prompt, resolution, seed, model):
-        self.positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        self.negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        channels = model.get_model_object("latent_format").latent_channels
-        self.latent = torch.zeros(1, channels, resolution // 8, resolution // 8)
-        self.vae, self.seed = vae, seed
-
-    def __call__(self, context, step):
-        from PIL import Image
-
-        samples = context.sample(self.positive, self.negative, self.latent, steps=8, seed=self.seed)
-        with torch.inference_mode():  # the VAE's weights are ComfyUI inference tensors
-            pixels = self.vae.decode(samples)[0]
-        if pixels.ndim == 4:
-            pixels = pixels[0]
-        image = Image.fromarray((pixels.clamp(0, 1).cpu().numpy() * 255).astype("uint8"))
-        return ("JPEG", image, 512)
-
-
-def comfy_training_progress(node_id):
-    import comfy.utils
-
-    bar = {}
-
-    def progress(done, total):
-        if "bar" not in bar:
-            bar["bar"] = comfy.utils.ProgressBar(total, node_id=node_id)
-        bar["bar"].update_absolute(done, total)
-
-    return progress
+        config = TrainConfig(
+            steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, lr_spectral=learning_rate, lr_1d=learning_rate_1d,
+            optimizer=optimizer, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, prior_weight=prior_weight, subset=layers,
+            patterns=name_patterns, rank=rank, seed=seed, flip=random_flip, train_text_encoder=train_text_encoder, lr_text=learning_rate_text,
+            labels=CONFIG_INPUTS,
+        )  # fmt: skip
+        trained = jobs.train_shift(
+            node_id=cls.hidden.unique_id, model=model, clip=clip, vae=vae, dataset=dataset, config=config, class_prompt=class_prompt,
+            num_class_images=num_class_images, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+            filename_prefix=filename_prefix, resume_from=resume_from, save_on_cancel=save_on_cancel, preview_every=preview_every,
+            preview_prompt=preview_prompt, class_images=class_images, class_dataset=class_dataset, attention=attention,
+        )  # fmt: skip
+        losses = {"loss": list(trained.result.losses)}
+        return io.NodeOutput(trained.model, trained.clip, trained.shift, losses, jobs.loss_curve(trained.result), ui=trained.ui)
 
 
 NODES = [SVDiffDatasetFromFolder, SVDiffDatasetFromImages, SVDiffTrain]

@@ -2,7 +2,7 @@
 
     python scripts/fuzz_shift_files.py --minutes 10
 
-Runs the property of ``tests/support/fuzzing.py`` (refused with a message naming the
+Runs the property of ``devtools/fuzzing.py`` (refused with a message naming the
 file, or accepted and then usable by every consumer) on its three input families in
 turn, in batches of hypothesis examples with fresh random seeds, until the time is
 up. Every example runs under a 30 s alarm, so a hang is a failure too. Prints a JSON
@@ -25,15 +25,15 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository root, for devtools/ (test tooling shared with tests/ and benchmarks/)
 
-from support.extension import import_extension  # noqa: E402
+from devtools.extension import import_extension  # noqa: E402
 
 import_extension()
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from support import fuzzing  # noqa: E402
+from devtools import fuzzing  # noqa: E402
 
 FAMILIES = {"mutated": fuzzing.mutated_files, "structured": fuzzing.structured_files, "metadata": fuzzing.metadata_files}
 ALARM_SECONDS = 30

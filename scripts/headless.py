@@ -11,16 +11,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository root, for devtools/ (test tooling shared with tests/ and benchmarks/)
 
 log = logging.getLogger("svdiff.demo")
 
-from support.extension import import_extension  # noqa: E402
+from devtools.extension import import_extension  # noqa: E402
 
 
 def start_comfy(base_dir: Path | None = None):
     """A CPU-only, in-process ComfyUI (no web server) with the SVDiff nodes registered."""
-    from support.comfy_env import find_comfyui, setup_comfyui
+    from devtools.harness import setup_comfyui
+    from devtools.locate import find_comfyui
 
     if find_comfyui() is None:
         raise SystemExit(
@@ -42,7 +43,7 @@ def tiny_checkpoint() -> Path:
     ComfyUI's checkpoint loader fixes the text encoder at full CLIP-L size, so the file
     is ~265 MiB although the UNet is tiny; it is written in a few seconds.
     """
-    from support import tiny_models
+    from devtools import tiny_models
 
     # "_v2": files written before v0.33 support were saved with the wrong layout there.
     path = demo_cache_dir() / "svdiff_tiny_sd15_v2.safetensors"
@@ -86,7 +87,7 @@ def write_demo_shift(path: Path, model, clip, seed: int) -> None:
 def write_demo_lora(path: Path, model, clip, seed: int) -> None:
     from safetensors.torch import save_file
 
-    from support import tiny_models
+    from devtools import tiny_models
 
     lora = tiny_models.make_test_lora(model=model, clip=clip, rank=4, seed=seed, scale=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)

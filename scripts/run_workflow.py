@@ -60,7 +60,7 @@ def main() -> int:
     logging.getLogger().setLevel(logging.ERROR)
     handle = start_comfy(base_dir=out / "comfyui")
     logging.getLogger().setLevel(logging.WARNING)
-    from support.comfy_env import ui_to_api
+    from devtools.workflow_format import ui_to_api
 
     workflow = json.loads(args.workflow.read_text())
     prompt = ui_to_api(workflow, handle.object_info()) if "nodes" in workflow else workflow

@@ -20,14 +20,15 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for devtools/
 
 from headless import ROOT, start_comfy, tiny_checkpoint  # noqa: E402
 from run_workflow import prepare_files  # noqa: E402
 
-from support.browser import ComfyPage, launch, prepare_user_dir  # noqa: E402
-from support.comfy_env import find_comfyui, ui_to_api  # noqa: E402
-from support.server import ComfyServer, ServerDirs, copy_or_link  # noqa: E402
+from devtools.browser import ComfyPage, launch, prepare_user_dir  # noqa: E402
+from devtools.locate import find_comfyui  # noqa: E402
+from devtools.server import ComfyServer, ServerDirs, copy_or_link  # noqa: E402
+from devtools.workflow_format import ui_to_api  # noqa: E402
 
 MAX_WIDTH = 1400
 MARGIN = 24

@@ -1,7 +1,7 @@
 """SVDiff spectral shifts: the math, the file format and the caches.
 
-Pure torch + safetensors; nothing here imports ComfyUI except
-:mod:`svdiff.comfy_bridge`, which the functions that need it import lazily.
+Pure torch + safetensors: nothing in this package imports ComfyUI except its
+sub-package :mod:`svdiff.comfy`, the extension's one ComfyUI layer (a test checks both).
 """
 
 from .fileformat import ShiftFileError, read_shift, write_shift

@@ -30,8 +30,6 @@ class ResolvedShift:
     model: dict[str, Target] = field(default_factory=dict)
     clip: dict[str, Target] = field(default_factory=dict)
     skipped_clip: list[str] = field(default_factory=list)
-    base_mismatches: list[str] = field(default_factory=list)
-    checked_hashes: int = 0
 
 
 def _retarget_clip(param: str, clip_shapes: Shapes, shift: SpectralShift) -> str:

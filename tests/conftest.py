@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository root, for devtools/ (test tooling shared with scripts/ and benchmarks/)
 
-from support.comfy_env import comfyui_version, find_comfyui  # noqa: E402
-from support.extension import import_extension  # noqa: E402
+from devtools.extension import import_extension  # noqa: E402
+from devtools.locate import comfyui_version, find_comfyui  # noqa: E402
 
 import_extension()
 

@@ -36,8 +36,8 @@ VALUES = 1 << 21  # two tensors of 8 MB in fp32: a save takes long enough to be 
 # process itself, whose pool is running, can deadlock the child).
 ZYGOTE = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
-from support.extension import import_extension
+sys.path[:0] = [{root!r}, {tests!r}]  # devtools/, and this test module
+from devtools.extension import import_extension
 import_extension()
 from comfyui_svdiff.svdiff.fileformat import write_shift
 from test_file_safety import numpy_shift
@@ -90,7 +90,12 @@ def _wait_gone(pid: int, timeout: float = 30.0) -> None:
 def test_a_writer_killed_mid_save_leaves_old_or_new_files_never_corrupt_ones(tmp_path):
     shifts = [numpy_shift(1), numpy_shift(2)]
     tests = str(Path(__file__).resolve().parent)
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE.format(tests=tests)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE.format(root=str(Path(tests).parent), tests=tests)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert zygote.stdout.readline().strip() == "ready"
         rng = random.Random(0)
@@ -172,8 +177,8 @@ def test_disk_full_gives_a_clear_message_and_leaves_nothing(full_filesystem):
 
 CHILD = """
 import resource, signal, sys
-sys.path.insert(0, {tests!r})
-from support.extension import import_extension
+sys.path.insert(0, {root!r})  # the repository root, for devtools/
+from devtools.extension import import_extension
 import_extension()
 import torch
 from comfyui_svdiff.svdiff.fileformat import SaveError, write_shift
@@ -189,11 +194,9 @@ except SaveError as exc:
 
 
 def test_file_size_limit_gives_a_clear_message_and_leaves_nothing(tmp_path):
-    tests = str(Path(__file__).resolve().parent)
+    root = str(Path(__file__).resolve().parents[1])
     target = tmp_path / "limited.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD.format(tests=tests, target=str(target))], capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", CHILD.format(root=root, target=str(target))], capture_output=True, text=True, timeout=120)
     assert "REFUSED: 'limited.safetensors' is larger than this system allows" in done.stdout, done.stdout + done.stderr
     assert list(tmp_path.iterdir()) == []
     assert resource.getrlimit(resource.RLIMIT_FSIZE)  # the limit was the child's only

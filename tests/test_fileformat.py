@@ -274,15 +274,48 @@ def test_svdiff_pytorch_import_unet_only(tmp_path):
     assert not any(k.startswith("text_encoders.") for k in shift.tensors)
 
 
+COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "folder_paths", "node_helpers", "nodes", "server", "execution", "latent_preview")
+
+
+def _core_modules() -> list[Path]:
+    """Every module of svdiff/ outside svdiff/comfy/, the ComfyUI layer."""
+    core = sorted((ROOT / "svdiff").rglob("*.py"))
+    return [p for p in core if (ROOT / "svdiff" / "comfy") not in p.parents]
+
+
+def test_no_core_module_imports_comfyui_even_lazily():
+    """Read every core module's imports (also those inside functions): none names ComfyUI
+    or the ComfyUI layer. The ComfyUI layer is svdiff/comfy/ alone."""
+    import ast
+
+    modules = _core_modules()
+    assert len(modules) >= 20, modules  # the glob found the core
+    offenders = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [f"{node.module}.{a.name}" for a in node.names if node.level]
+            else:
+                continue
+            for name in names:
+                top = name.lstrip(".").split(".")[0]
+                relative_to_layer = node.level if isinstance(node, ast.ImportFrom) else 0
+                if (not relative_to_layer and top in COMFY_MODULES) or (relative_to_layer and ".comfy" in "." + name.lstrip(".")):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert not offenders, offenders
+
+
 def test_core_imports_without_comfyui():
-    """svdiff/ must import with no ComfyUI anywhere (style rule; tests rely on it)."""
+    """Every core module imports with no ComfyUI anywhere (tests and scripts rely on it)."""
+    names = [".".join(("comfyui_svdiff", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__") for p in _core_modules()]
     code = (
-        "import importlib.util, sys\n"
+        "import importlib, importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('comfyui_svdiff', r'{ROOT / '__init__.py'}', submodule_search_locations=[r'{ROOT}'])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['comfyui_svdiff'] = m; spec.loader.exec_module(m)\n"
-        "import comfyui_svdiff.svdiff, comfyui_svdiff.svdiff.apply, comfyui_svdiff.svdiff.export, comfyui_svdiff.svdiff.inspection\n"
-        "import comfyui_svdiff.svdiff.training.layers, comfyui_svdiff.svdiff.training.loop, comfyui_svdiff.svdiff.training.data, comfyui_svdiff.svdiff.layers\n"
-        "bad = [k for k in sys.modules if k == 'comfy' or k.startswith(('comfy.', 'comfy_api', 'folder_paths'))]\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        f"bad = [k for k in sys.modules if k.split('.')[0] in {COMFY_MODULES!r} or k.startswith('comfyui_svdiff.svdiff.comfy')]\n"
         "assert not bad, bad\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})

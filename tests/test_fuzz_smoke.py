@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 
-from support.fuzzing import check_file_bytes, metadata_files, mutated_files, seed_files, structured_files
+from devtools.fuzzing import check_file_bytes, metadata_files, mutated_files, seed_files, structured_files
 
 SMOKE = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_spectral import make_weight, reference_update
 
-from comfyui_svdiff.svdiff.export import layer_factors
 from comfyui_svdiff.svdiff.inspection import block_magnitudes, cosine_by_layer, cosine_plot, describe, magnitude_plot
 from comfyui_svdiff.svdiff.layers import layer_selector, parse_blocks, unet_levels
+from comfyui_svdiff.svdiff.lora import layer_factors
 from comfyui_svdiff.svdiff.shift import SpectralShift, combine, parse_key, pattern_matcher, select, unet_block
 from comfyui_svdiff.svdiff.spectral import as_matrix, decompose, spectral_update
 from comfyui_svdiff.svdiff.targets import ShiftMismatchError, resolve

@@ -1,2 +1,2 @@
-"""Training spectral shifts: layers, objective, loop (pure torch; ComfyUI glue lives in
-svdiff/comfy_bridge.py and nodes/)."""
+"""Training spectral shifts: layers, objective, loop, datasets (pure torch; the run inside
+ComfyUI lives in svdiff/comfy/training/)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .subsets import CUSTOM, SUBSETS
 
@@ -55,22 +55,30 @@ class TrainConfig:
     """Token id (or single-token word) whose embedding the modifier starts from (reference: 42170, the piece "ktn")."""
     lr_token: float = 1e-5
     """Learning rate of the modifier token's embedding."""
+    labels: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """What a node calls each field it sets (``{"lr_spectral": "learning_rate"}``): messages
+    name the input the user sees. Not part of :meth:`summary`."""
+
+    def label(self, name: str) -> str:
+        return self.labels.get(name, name)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accumulation"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} is {value}; it must be a whole number of at least 1")
+                raise ValueError(f"{self.label(name)} is {value}; it must be a whole number of at least 1")
         for name in ("lr_spectral", "lr_1d", "lr_text", "lr_full", "lr_token"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} is {value}; learning rates must be positive (the paper uses 1e-3 for shifts, 1e-6 for 1-D)")
+                raise ValueError(
+                    f"{self.label(name)} is {value}; learning rates must be positive (the paper uses 1e-3 for shifts, 1e-6 for 1-D)"
+                )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer '{self.optimizer}' is not supported; use one of {', '.join(OPTIMIZERS)}")
         for name in ("weight_decay", "max_grad_norm", "prior_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} is {value}; it must be a finite number ≥ 0")
+                raise ValueError(f"{self.label(name)} is {value}; it must be a finite number ≥ 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps is {self.warmup_steps}; it must be ≥ 0")
         if self.rank < 0:
@@ -84,12 +92,14 @@ class TrainConfig:
                 f"initializer_token '{self.initializer_token}' must be one word or a token id, e.g. 42170 (the reference's 'ktn')"
             )
         if self.subset != CUSTOM and self.subset not in SUBSETS:
-            raise ValueError(f"subset '{self.subset}' is unknown; choose one of {', '.join([*SUBSETS, CUSTOM])}")
+            raise ValueError(f"{self.label('subset')} '{self.subset}' is unknown; choose one of {', '.join([*SUBSETS, CUSTOM])}")
         if self.subset == CUSTOM and not self.patterns.strip() and not self.train_text_encoder:
-            raise ValueError("subset is 'custom patterns only' but name_patterns is empty; write at least one pattern")
+            raise ValueError(f"{self.label('subset')} is 'custom patterns only' but name_patterns is empty; write at least one pattern")
 
     def summary(self) -> dict:
-        return asdict(self)
+        summary = asdict(self)
+        del summary["labels"]
+        return summary
 
 
 def learning_rate_factor(step: int, warmup_steps: int) -> float:

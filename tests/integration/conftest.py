@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from support import tiny_models
-from support.comfy_env import find_comfyui, setup_comfyui
+from devtools import tiny_models
+from devtools.harness import setup_comfyui
+from devtools.locate import find_comfyui
 
 ROOT = Path(__file__).resolve().parents[2]
+
+if find_comfyui() is not None:
+    # The ComfyUI layer (svdiff/comfy/) imports ComfyUI at module level and test modules
+    # import it at their top, so ComfyUI is set up (CPU) before they are collected; the
+    # session fixture below re-points it at its temporary base folder.
+    setup_comfyui()
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +69,8 @@ def tiny_checkpoint(comfy_handle):
 def comfy_server(tmp_path_factory, comfy_handle, tiny_checkpoint):
     """A real ComfyUI server process (127.0.0.1, temporary base directory) with this
     checkout linked into its custom_nodes/ and the tiny checkpoint in its models/."""
-    from support.browser import prepare_user_dir
-    from support.server import ComfyServer, copy_or_link
+    from devtools.browser import prepare_user_dir
+    from devtools.server import ComfyServer, copy_or_link
 
     base = tmp_path_factory.mktemp("server-base")
     server = ComfyServer(find_comfyui(), base)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from comfyui_svdiff.svdiff.shift import SpectralShift, parse_key
-from support import tiny_models
+from devtools import tiny_models
 
 
 def patched_state_dict(patcher) -> dict[str, torch.Tensor]:
@@ -260,7 +260,7 @@ def canary_latent(server, ckpt: str, index: int, tag: str) -> torch.Tensor:
     """Run :func:`canary_prompt` through a real server and read its latent from disk."""
     from safetensors.torch import load_file
 
-    from support.server import error_of
+    from devtools.server import error_of
 
     entry = server.run(canary_prompt(ckpt, index, tag), timeout=300)
     assert error_of(entry) is None, error_of(entry)
@@ -268,24 +268,26 @@ def canary_latent(server, ckpt: str, index: int, tag: str) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"]
 
 
-def tiny_examples(arch, count=3, seed=0, size=8):
-    from comfyui_svdiff.svdiff import comfy_training
+SKS, DOG = "photo of a sks dog", "photo of a dog"
+"""The captions of :func:`tiny_examples` (instance) and of prior examples."""
+
+
+def tiny_examples(arch, count=3, seed=0, size=8, caption=SKS):
+    from comfyui_svdiff.svdiff.comfy.training.examples import Example
 
     c = tiny_models.latent_channels(arch)
     g = torch.Generator().manual_seed(seed)
-    return [
-        comfy_training.Example(torch.randn(1, c, size, size, generator=g), 0, torch.randn(1, c, size, size, generator=g))
-        for _ in range(count)
-    ]
+    return [Example(torch.randn(1, c, size, size, generator=g), caption, torch.randn(1, c, size, size, generator=g)) for _ in range(count)]
 
 
 def train_tiny(model, clip, config, instance=None, prior=None, **kwargs):
-    from comfyui_svdiff.svdiff import comfy_training
+    """A run on random latents captioned :data:`SKS` (prior: :data:`DOG`); ``kwargs`` are TrainRequest fields."""
+    from comfyui_svdiff.svdiff.comfy.training.run import TrainRequest, train
 
     arch = type(model.model.model_config).__name__
-    positive = tiny_models.encode_prompt(clip, "photo of a sks dog") + tiny_models.encode_prompt(clip, "photo of a dog")
+    conditioning = {caption: tiny_models.encode_prompt(clip, caption) for caption in (SKS, DOG)}
     instance = instance if instance is not None else tiny_examples("Flux" if arch == "Flux" else "SD15")
-    return comfy_training.train(model, positive, instance, prior or [], config, architecture=arch, **kwargs)
+    return train(TrainRequest(model, config, instance, prior or [], conditioning=conditioning, architecture=arch, **kwargs))
 
 
 def observable_state(patcher) -> dict:

@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from comfyui_svdiff.svdiff import cache as cache_module
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.fileformat import write_shift
+from devtools import tiny_models
 from integration.helpers import random_shift
-from support import tiny_models
 
 
 @pytest.fixture
 def counted(comfy_handle, monkeypatch):
     """How often the cache looked a weight's hash up, hashed its bytes, or decomposed it."""
-    from comfyui_svdiff.svdiff import comfy_bridge  # after ComfyUI is importable
+    from comfyui_svdiff.svdiff.comfy import adapter  # after ComfyUI is importable
 
     counts = {"lookup": 0, "hash": 0, "decompose": 0}
     real = {name: getattr(cache_module, name) for name in ("content_hash", "_full_digest", "decompose")}
@@ -40,7 +40,7 @@ def counted(comfy_handle, monkeypatch):
 
     lookup = counting("content_hash", "lookup")
     monkeypatch.setattr(cache_module, "content_hash", lookup)
-    monkeypatch.setattr(comfy_bridge, "content_hash", lookup)
+    monkeypatch.setattr(adapter, "content_hash", lookup)
     monkeypatch.setattr(cache_module, "_full_digest", counting("_full_digest", "hash"))
     monkeypatch.setattr(cache_module, "decompose", counting("decompose", "decompose"))
     return counts

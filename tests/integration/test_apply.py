@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.layers import layer_selector
 from comfyui_svdiff.svdiff.shift import combine, parse_key, select
 from comfyui_svdiff.svdiff.targets import ShiftMismatchError
+from devtools import tiny_models
 from integration.helpers import assert_weights_close, base_state, clamping_pair, expected_state, patched_state_dict, random_shift
-from support import tiny_models
 
 pytestmark = pytest.mark.integration
 

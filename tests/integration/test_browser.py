@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from support.browser import ComfyPage, find_chromium, launch
-from support.comfy_env import ui_to_api
-from support.server import ServerDirs
+from devtools.browser import ComfyPage, find_chromium, launch
+from devtools.server import ServerDirs
+from devtools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.fileformat import write_shift
 from comfyui_svdiff.svdiff.spectral import decompose
+from devtools import tiny_models
 from integration.helpers import base_state, clamping_pair, patched_state_dict, random_shift
-from support import tiny_models
 
 ARCHS = ["SD15", "SDXL", "Flux"]
 
@@ -103,7 +103,8 @@ class _InnerHook:
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_bypass_hook_equals_the_float64_shifted_layer(comfy_handle, name):
-    from comfyui_svdiff.svdiff.comfy_bridge import SpectralShiftAdapter, _ShiftHook
+    from comfyui_svdiff.svdiff.comfy.adapter import SpectralShiftAdapter
+    from comfyui_svdiff.svdiff.comfy.bypass import _ShiftHook
 
     module, x, delta = _layer(name)
     decomposition = decompose(module.weight.detach())
@@ -141,7 +142,7 @@ def test_bypass_hook_equals_the_float64_shifted_layer(comfy_handle, name):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_train_lora_adapter_trains_the_same_in_bypass_and_weight_mode(comfy_handle, name):
     """SpectralShiftTrain: bypass forward and weight wrapper give one output and one gradient."""
-    from comfyui_svdiff.svdiff.comfy_bridge import SpectralShiftTrain
+    from comfyui_svdiff.svdiff.comfy.adapter import SpectralShiftTrain
 
     module, x, delta = _layer(name)
     outputs, grads = [], []

@@ -47,9 +47,9 @@ def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embeddi
     import comfy.sd
     import comfy.utils
 
-    from comfyui_svdiff.nodes import routes
+    from comfyui_svdiff.svdiff.comfy import loss_stream
 
-    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
+    monkeypatch.setattr(loss_stream, "prompt_server", lambda: comfy_handle.server)
     result = comfy_handle.run_prompt(cd_train_prompt(tiny_checkpoint, cat_folders), fresh_executor=True, timeout=900)
     assert result.success, result.error_message
     text = result.output("4")["text"][0]
@@ -116,9 +116,9 @@ def test_custom_diffusion_training_saves_stock_loadable_kv_deltas_and_an_embeddi
 
 
 def test_spectral_deltas_on_the_same_data_for_comparison(comfy_handle, tiny_checkpoint, cat_folders, monkeypatch):
-    from comfyui_svdiff.nodes import routes
+    from comfyui_svdiff.svdiff.comfy import loss_stream
 
-    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
+    monkeypatch.setattr(loss_stream, "prompt_server", lambda: comfy_handle.server)
     prompt = cd_train_prompt(
         tiny_checkpoint, cat_folders, deltas="K/V spectral shifts (SVDiff)", filename_prefix="cd_spectral", modifier_token=""
     )
@@ -147,7 +147,7 @@ def test_training_refusals_name_the_input(comfy_handle, tiny_checkpoint, cat_fol
 
 
 def test_masked_loss_ignores_the_canvas(build):
-    from comfyui_svdiff.svdiff.comfy_training import native_mse
+    from comfyui_svdiff.svdiff.comfy.training.loss import native_mse
 
     model, _ = build("SD15")
     inner = model.model
@@ -207,7 +207,7 @@ def merge_setup(comfy_handle, tiny_checkpoint):
 
 
 def _concepts(model):
-    from comfyui_svdiff.svdiff.comfy_merge import Concept
+    from comfyui_svdiff.svdiff.comfy.merge import Concept
 
     cat = Concept(_random_kv_deltas(model, 1, name="cat"), "embedding:t_cat", ["embedding:t_cat cat", "a photo of embedding:t_cat cat"])
     dog = Concept(_random_kv_deltas(model, 2, name="dog"), "embedding:t_dog", ["embedding:t_dog dog", "a photo of embedding:t_dog dog"])
@@ -225,7 +225,7 @@ def _full_features(clip, prompt, start):
 
 
 def test_merged_kv_outputs_match_each_concept_and_stay_close_to_the_base(merge_setup):
-    from comfyui_svdiff.svdiff import comfy_merge
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
 
     model, clip = merge_setup
     concepts = _concepts(model)
@@ -262,7 +262,7 @@ def test_merged_kv_outputs_match_each_concept_and_stay_close_to_the_base(merge_s
 
 
 def test_batched_caption_features_equal_the_full_encoding(merge_setup):
-    from comfyui_svdiff.svdiff import comfy_merge
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
 
     _, clip = merge_setup
     texts = ["a dog", "a cup of coffee next to an open book on a table", "embedding:t_cat cat"]
@@ -272,7 +272,7 @@ def test_batched_caption_features_equal_the_full_encoding(merge_setup):
 
 
 def test_merge_refusals_and_the_singular_fallback(comfy_handle, merge_setup, build):
-    from comfyui_svdiff.svdiff import comfy_merge
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
 
     model, clip = merge_setup
     cat, dog = _concepts(model)
@@ -303,7 +303,7 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
     import comfy.sd
     import comfy.utils
 
-    from comfyui_svdiff.svdiff import comfy_merge
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
     from comfyui_svdiff.svdiff.fileformat import write_shift
 
     model, clip = merge_setup

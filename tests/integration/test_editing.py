@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
+from devtools import tiny_models
 from integration.helpers import edit_prompt
-from support import tiny_models
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def reconstruction_error(model, positive, latent, steps, refine, scheduler="norm
     """Invert, then sample back with the same prompt and η = 0; relative error in VAE space."""
     import comfy.samplers
 
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
     out, _ = comfy_editing.round_trip(model, positive, latent, sigmas, refine)
@@ -67,7 +67,7 @@ def test_default_inversion_reconstructs_encoded_images_within_half_a_percent(com
     import comfy.samplers
 
     from comfyui_svdiff.nodes.editing import DEFAULT_REFINE_CAP
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     model, clip = tiny_models.build_model(arch, seed=0)
     tiny_models.smooth_in_time_(model, output_scale=0.2)
@@ -104,7 +104,8 @@ def test_inverted_noise_starts_at_the_inversion_and_alpha_one_is_random_noise(co
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    from comfyui_svdiff.svdiff import comfy_editing, editing
+    from comfyui_svdiff.svdiff import editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     model, clip = _calm(arch)
     positive = tiny_models.encode_prompt(clip, "photo")
@@ -135,7 +136,7 @@ def test_ddim_sampler_equals_comfyui_euler_and_euler_ancestral_for_eps_models(co
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
 
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     model, clip = tiny_models.build_model("SD15", seed=0)
     positive = tiny_models.encode_prompt(clip, "photo")
@@ -162,7 +163,7 @@ def test_eta_ddim_is_the_closed_form_on_a_model_whose_predictions_are_known(comf
     """Replace the UNet's ε by a known function and compare two η-DDIM steps with Song et al."""
     import comfy.samplers
 
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     model, clip = tiny_models.build_model("SD15", seed=0)
     positive = tiny_models.encode_prompt(clip, "photo")
@@ -203,7 +204,7 @@ def test_eta_ddim_is_the_closed_form_on_a_model_whose_predictions_are_known(comf
 def test_inversion_refuses_mismatched_latents(comfy):
     import comfy.samplers
 
-    from comfyui_svdiff.svdiff import comfy_editing
+    from comfyui_svdiff.svdiff.comfy import editing as comfy_editing
 
     model, clip = tiny_models.build_model("SD15", seed=0)
     positive = tiny_models.encode_prompt(clip, "photo")

@@ -3,7 +3,7 @@
 Compared before and after (``helpers.observable_state``): weight values, dtypes, devices
 and ``requires_grad`` flags, module training modes, hooks, forward replacements, weight
 wrappers, patches, object patches and injections, for the training that SVDiffTrain and
-Train Custom Diffusion run (``comfy_training.train``, with the text encoder and a
+Train Custom Diffusion run (``svdiff.comfy.training.run.train``, with the text encoder and a
 modifier token where they use them) and for ComfyUI's own Train LoRA node with
 algorithm "SVDiff".
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 
 from comfyui_svdiff.svdiff.training.config import TrainConfig
+from devtools import tiny_models
 from integration.helpers import assert_same_state, observable_state, tiny_examples
 from integration.test_reliability import _inject_fault
-from support import tiny_models
 
 SVDIFF_TRAIN = TrainConfig(steps=2, lr_spectral=1e-2, lr_1d=1e-3, prior_weight=0.0, seed=3, train_text_encoder=True, subset="UNet")
 CUSTOM_DIFFUSION = TrainConfig(
@@ -67,15 +67,16 @@ def test_training_leaves_the_input_model_and_clip_untouched(comfy_handle, tiny_c
     before_model, before_clip = observable_state(model), observable_state(clip.patcher)
     if fails:
         _inject_fault(monkeypatch, at_call=2)
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training.run import TrainRequest
+    from comfyui_svdiff.svdiff.comfy.training.run import train as train_request
 
     captions = _captions(config)
     with torch.inference_mode():  # how ComfyUI runs a node
-        positive = tiny_models.encode_prompt(clip, captions[0])
+        conditioning = {captions[0]: tiny_models.encode_prompt(clip, captions[0])}
 
         def train():
-            examples = tiny_examples("SD15", count=2)
-            return comfy_training.train(model, positive, examples, [], config, architecture="SD15", clip=clip, captions=captions)
+            examples = tiny_examples("SD15", count=2, caption=captions[0])
+            return train_request(TrainRequest(model, config, examples, clip=clip, conditioning=conditioning, architecture="SD15"))
 
         if fails:
             with pytest.raises(RuntimeError, match="injected fault"):

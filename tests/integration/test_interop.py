@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_svdiff.svdiff import diffusers_names
-from comfyui_svdiff.svdiff.apply import apply_shift
-from comfyui_svdiff.svdiff.export import export_lora
+from comfyui_svdiff.svdiff.comfy.export import export_lora
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
 from comfyui_svdiff.svdiff.shift import SpectralShift
 from integration.helpers import assert_weights_close, base_state, expected_state, patched_state_dict, random_shift

@@ -7,10 +7,14 @@ import sys
 import pytest
 import torch
 
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
+from comfyui_svdiff.svdiff.comfy.tokens import token_positions
+from comfyui_svdiff.svdiff.comfy.training.attention import outside_attention
+from comfyui_svdiff.svdiff.comfy.training.examples import AttentionTargets, Example
+from comfyui_svdiff.svdiff.comfy.training.run import TrainRequest, train
 from comfyui_svdiff.svdiff.training import cutmix
 from comfyui_svdiff.svdiff.training.config import AttentionConfig, TrainConfig
-from support import tiny_models
+from devtools import tiny_models
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +25,6 @@ LOOKS = {"sks": torch.tensor([1.5, -1.0, 0.5, -0.5]), "zwx": torch.tensor([-1.5,
 def collage_examples(clip, count=4, size=8, seed=0):
     """Latent collages whose halves differ in content (each subject its own colour
     offset), with region masks and token positions, alternating the subjects' sides."""
-    from comfyui_svdiff.svdiff import comfy_training
-
     g = torch.Generator().manual_seed(seed)
     cut = size // 2
     masks = cutmix.region_masks(size, "left_right", cut)
@@ -33,8 +35,8 @@ def collage_examples(clip, count=4, size=8, seed=0):
         latent = 0.5 * torch.randn(1, 4, size, size, generator=g)
         latent[..., :cut] += LOOKS[order[0]].view(1, 4, 1, 1)
         latent[..., cut:] += LOOKS[order[1]].view(1, 4, 1, 1)
-        regions = [(comfy_training.token_positions(clip, CAPTIONS[caption], order[i]), masks[i]) for i in range(2)]
-        examples.append(comfy_training.Example(latent, caption, None, comfy_training.AttentionTargets(regions=regions)))
+        regions = [(token_positions(clip, CAPTIONS[caption], order[i]), masks[i]) for i in range(2)]
+        examples.append(Example(latent, CAPTIONS[caption], None, AttentionTargets(regions=regions)))
     return examples
 
 
@@ -48,40 +50,36 @@ def per_token(values):
 
 
 def test_token_positions_follow_comfyui_tokenizer(build):
-    from comfyui_svdiff.svdiff import comfy_training
-
     _, clip = build("SD15")
     tokens = [t[0] for t in clip.tokenize(CAPTIONS[0])["l"][0]]
-    sks = comfy_training.token_positions(clip, CAPTIONS[0], "sks")
-    zwx = comfy_training.token_positions(clip, CAPTIONS[0], "zwx")
-    dog_cat = comfy_training.token_positions(clip, "photo of a dog and a dog", "dog")
+    sks = token_positions(clip, CAPTIONS[0], "sks")
+    zwx = token_positions(clip, CAPTIONS[0], "zwx")
+    dog_cat = token_positions(clip, "photo of a dog and a dog", "dog")
     assert sks == [4]  # <start> photo of a sks …
     assert len(zwx) == 2 and zwx[1] == zwx[0] + 1  # "zwx" is two BPE pieces
     assert [tokens[i] for i in zwx] == [t[0] for t in clip.tokenize("zwx")["l"][0][1:3]]
     assert len(dog_cat) == 2
     with pytest.raises(ValueError, match="does not contain the word 'panda'"):
-        comfy_training.token_positions(clip, CAPTIONS[0], "panda")
+        token_positions(clip, CAPTIONS[0], "panda")
 
 
 def test_unmix_regulariser_moves_each_token_attention_into_its_region(build):
     """Same data, seed and steps with and without the unmix loss: with it, each special
     token's attention outside its own half is lower (as a fraction and as mass)."""
-    from comfyui_svdiff.svdiff import comfy_training
-
     model, clip = build("SD15")
-    positive = tiny_models.encode_prompt(clip, CAPTIONS[0]) + tiny_models.encode_prompt(clip, CAPTIONS[1])
+    positive = {caption: tiny_models.encode_prompt(clip, caption) for caption in CAPTIONS}
     examples = collage_examples(clip)
     percents = (0.7, 0.85, 0.95)  # noise levels where the halves' content is visible to the queries
     report = {}
     for label, attention in (("without", None), ("with", AttentionConfig(unmix_weight=1e4))):
         config = TrainConfig(steps=40, lr_spectral=0.05, prior_weight=0.0, flip=False, seed=1, max_grad_norm=0)
-        result = comfy_training.train(model, positive, examples, [], config, architecture="SD15", attention=attention)
+        result = train(TrainRequest(model, config, examples, conditioning=positive, architecture="SD15", attention=attention))
         trained, _, _ = apply_shift(model, None, result.shift, 1.0, 1.0)
         report[label] = (
-            per_token(comfy_training.outside_attention(trained, positive, examples, percents)),
-            per_token(comfy_training.outside_attention(trained, positive, examples, percents, relative=False)),
+            per_token(outside_attention(trained, positive, examples, percents)),
+            per_token(outside_attention(trained, positive, examples, percents, relative=False)),
         )
-    before = per_token(comfy_training.outside_attention(model, positive, examples, percents))
+    before = per_token(outside_attention(model, positive, examples, percents))
     sys.__stderr__.write(  # ComfyUI's logger owns sys.stdout; these are the numbers the README reports
         f"\nattention outside own region (fraction): before {before}; after 40 steps without unmix {report['without'][0]}, "
         f"with unmix {report['with'][0]}\n"
@@ -93,41 +91,39 @@ def test_unmix_regulariser_moves_each_token_attention_into_its_region(build):
 
 @pytest.mark.parametrize("arch", ["SD15", "SDXL"])
 def test_attention_losses_train_the_same_with_gradient_checkpointing(build, arch):
-    from comfyui_svdiff.svdiff import comfy_training
-
     model, clip = build(arch)
-    positive = tiny_models.encode_prompt(clip, CAPTIONS[0]) + tiny_models.encode_prompt(clip, CAPTIONS[1])
+    positive = {caption: tiny_models.encode_prompt(clip, caption) for caption in CAPTIONS}
     examples = collage_examples(clip, count=2)
-    single = comfy_training.Example(
+    single = Example(
         torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)),
-        0,
+        CAPTIONS[0],
         None,
-        comfy_training.AttentionTargets(
-            special=comfy_training.token_positions(clip, CAPTIONS[0], "sks"),
-            class_positions=comfy_training.token_positions(clip, CAPTIONS[0], "dog"),
+        AttentionTargets(
+            special=token_positions(clip, CAPTIONS[0], "sks"),
+            class_positions=token_positions(clip, CAPTIONS[0], "dog"),
         ),
     )
     attention = AttentionConfig(unmix_weight=100.0, subject_weight=100.0)
     config = TrainConfig(steps=3, lr_spectral=1e-2, prior_weight=0.0, flip=False, seed=2, subset="UNet-CA")
-    plain = comfy_training.train(model, positive, [*examples, single], [], config, architecture=arch, attention=attention)
-    checkpointed = comfy_training.train(
-        model, positive, [*examples, single], [], config, architecture=arch, attention=attention, gradient_checkpointing=True
+    plain = train(TrainRequest(model, config, [*examples, single], conditioning=positive, architecture=arch, attention=attention))
+    checkpointed = train(
+        TrainRequest(
+            model, config, [*examples, single], conditioning=positive, architecture=arch, attention=attention, gradient_checkpointing=True
+        )
     )
-    no_reg = comfy_training.train(model, positive, [*examples, single], [], config, architecture=arch)
+    no_reg = train(TrainRequest(model, config, [*examples, single], conditioning=positive, architecture=arch))
     assert plain.losses != no_reg.losses  # the regulariser is part of the loss
     for key, value in plain.shift.tensors.items():
         torch.testing.assert_close(checkpointed.shift.tensors[key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_attention_regularisers_refuse_models_without_cross_attention(build):
-    from comfyui_svdiff.svdiff import comfy_training
-
     model, clip = build("Flux")
-    positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
-    example = comfy_training.Example(torch.randn(1, 16, 8, 8), 0)
+    positive = {"photo of a sks dog": tiny_models.encode_prompt(clip, "photo of a sks dog")}
+    example = Example(torch.randn(1, 16, 8, 8), "photo of a sks dog")
     config = TrainConfig(steps=1, prior_weight=0.0)
     with pytest.raises(ValueError, match="need a UNet with cross-attention"):
-        comfy_training.train(model, positive, [example], [], config, attention=AttentionConfig(unmix_weight=1.0))
+        train(TrainRequest(model, config, [example], conditioning=positive, attention=AttentionConfig(unmix_weight=1.0)))
 
 
 def test_negative_prior_guider_is_eqs_8_and_9_on_a_model_whose_predictions_are_known(build):

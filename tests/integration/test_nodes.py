@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
+from devtools import tiny_models
 from integration.helpers import ksampler, random_shift
-from support import tiny_models
 
 pytestmark = pytest.mark.integration
 

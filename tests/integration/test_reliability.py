@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.fileformat import read_shift
 from comfyui_svdiff.svdiff.training.config import TrainConfig
 from integration.helpers import (
@@ -50,18 +50,18 @@ def _state(patcher):
 def _inject_fault(monkeypatch, at_call: int = 3) -> list[weakref.ref]:
     """Make the loss raise on its ``at_call``-th call; return weak references to every
     trainer created afterwards and to its trainable tensors."""
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training import loss, run
 
     alive: list[weakref.ref] = []
 
-    class RecordingTrainer(comfy_training.Trainer):
+    class RecordingTrainer(run.Trainer):
         def __post_init__(self):
             super().__post_init__()
             alive.append(weakref.ref(self))
             alive.extend(weakref.ref(p) for p in self.parameters)
 
     calls = {"n": 0}
-    real_mse = comfy_training.native_mse
+    real_mse = loss.native_mse
 
     def failing_mse(*args, **kwargs):
         calls["n"] += 1
@@ -69,18 +69,18 @@ def _inject_fault(monkeypatch, at_call: int = 3) -> list[weakref.ref]:
             raise RuntimeError(f"injected fault in training step {at_call}")
         return real_mse(*args, **kwargs)
 
-    monkeypatch.setattr(comfy_training, "Trainer", RecordingTrainer)
-    monkeypatch.setattr(comfy_training, "native_mse", failing_mse)
+    monkeypatch.setattr(run, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(loss, "native_mse", failing_mse)
     return alive
 
 
 def test_an_exception_in_a_training_step_frees_memory_and_leaves_the_model_as_it_was(build, monkeypatch):
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training import loss
 
     model, clip = build("SD15")
     weights = base_state(model)
     patches = _state(model)
-    real_mse = comfy_training.native_mse
+    real_mse = loss.native_mse
     alive = _inject_fault(monkeypatch)
     config = TrainConfig(steps=10, lr_spectral=1e-2, prior_weight=0.0, seed=3)
     with pytest.raises(RuntimeError, match="injected fault in training step 3"):
@@ -100,7 +100,7 @@ def test_an_exception_in_a_training_step_frees_memory_and_leaves_the_model_as_it
         assert torch.equal(value, weights[key]), key
 
     # ...and trains again exactly like a model that never failed.
-    monkeypatch.setattr(comfy_training, "native_mse", real_mse)
+    monkeypatch.setattr(loss, "native_mse", real_mse)
     short = TrainConfig(steps=2, lr_spectral=1e-2, prior_weight=0.0, seed=3)
     again = train_tiny(model, clip, short).shift
     fresh_model, fresh_clip = build("SD15")
@@ -110,9 +110,9 @@ def test_an_exception_in_a_training_step_frees_memory_and_leaves_the_model_as_it
 
 
 def test_a_training_node_that_fails_reports_it_frees_memory_and_saves_nothing(comfy_handle, tiny_checkpoint, train_folder, monkeypatch):
-    from comfyui_svdiff.nodes import routes
+    from comfyui_svdiff.svdiff.comfy import loss_stream
 
-    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
+    monkeypatch.setattr(loss_stream, "prompt_server", lambda: comfy_handle.server)
     alive = _inject_fault(monkeypatch)
     prompt = train_prompt(
         tiny_checkpoint, train_folder, steps=10, prior_weight=0.0, num_class_images=0, save_every=0, preview_every=0,
@@ -197,9 +197,9 @@ def _train_and_sample(comfy_handle, ckpt, folder, seed, prefix):
 
 
 def test_same_seed_gives_bit_identical_shifts_and_images(comfy_handle, tiny_checkpoint, train_folder, monkeypatch):
-    from comfyui_svdiff.nodes import routes
+    from comfyui_svdiff.svdiff.comfy import loss_stream
 
-    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
+    monkeypatch.setattr(loss_stream, "prompt_server", lambda: comfy_handle.server)
     shift_1, image_1 = _train_and_sample(comfy_handle, tiny_checkpoint, train_folder, 7, "determinism/one")
     shift_2, image_2 = _train_and_sample(comfy_handle, tiny_checkpoint, train_folder, 7, "determinism/two")
     assert shift_1.tensors.keys() == shift_2.tensors.keys()

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from support.comfy_env import ui_to_api
-from support.server import INSTALL_NAME, ServerDirs, error_of
+from devtools.server import INSTALL_NAME, ServerDirs, error_of
+from devtools.workflow_format import ui_to_api
 
 pytestmark = pytest.mark.integration
 

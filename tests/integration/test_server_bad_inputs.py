@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from devtools.server import error_of
 from integration.helpers import canary_latent, cd_train_prompt, edit_prompt, ksampler, train_prompt
-from support.server import error_of
 
 pytestmark = pytest.mark.integration
 
@@ -391,7 +391,7 @@ def _snapshot(base: Path) -> dict[str, str]:
 def matrix(comfy_server, comfy_handle, tiny_checkpoint, tmp_path_factory):
     import comfy.sd
 
-    from support import tiny_models
+    from devtools import tiny_models
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(comfy_handle.model_dir("checkpoints") / tiny_checkpoint), output_vae=False, output_clipvision=False

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_svdiff.svdiff.fileformat import read_shift
+from devtools.server import error_of
 from integration.helpers import canary_latent, edit_prompt, noiseless_sampler, train_prompt, write_image_folder
-from support.server import error_of
 
 pytestmark = pytest.mark.integration
 

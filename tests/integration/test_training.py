@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from comfyui_svdiff.svdiff.apply import apply_shift
+from comfyui_svdiff.svdiff.comfy.patching import apply_shift
 from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
 from comfyui_svdiff.svdiff.training.config import TrainConfig
-from integration.helpers import base_state, random_shift, tiny_examples, train_tiny
-from support import tiny_models
+from devtools import tiny_models
+from integration.helpers import DOG, SKS, base_state, random_shift, tiny_examples, train_tiny
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.parametrize("arch", ["SD15", "SD21v", "SDXL", "Flux"])
 def test_native_target_is_eps_v_or_velocity(build, arch):
     """native_mse inverts ComfyUI's x̂₀ to the model's own target: ε, v or the flow velocity."""
-    from comfyui_svdiff.svdiff.comfy_training import native_mse
+    from comfyui_svdiff.svdiff.comfy.training.loss import native_mse
 
     model, _ = build(arch)
     inner = model.model
@@ -88,7 +88,7 @@ def test_resume_from_a_file_equals_the_uninterrupted_run_bit_for_bit(build, tmp_
     saved = read_shift(path)
     if precision == "fp16":  # the file alone would not do: its δ is rounded
         assert any(not torch.equal(saved.tensors[k].float(), first.shift.tensors[k]) for k in saved.tensors)
-    resumed = train_tiny(model, clip, config, resume=saved, optimizer_state=first.optimizer_state)
+    resumed = train_tiny(model, clip, config, resume=saved, resume_state=first.optimizer_state)
     assert resumed.steps == 5 and resumed.losses[:3] == first.losses and len(resumed.losses) == 5
     for key in straight.shift.tensors:
         assert torch.equal(resumed.shift.tensors[key], straight.shift.tensors[key]), key
@@ -133,17 +133,18 @@ def _loss_at(model, clip, examples, seed, step):
     import comfy.model_management
     import comfy.samplers
 
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training.examples import uniform_plan
+    from comfyui_svdiff.svdiff.comfy.training.guider import batched_conditioning
+    from comfyui_svdiff.svdiff.comfy.training.loss import native_mse
     from comfyui_svdiff.svdiff.training.loop import step_generator
 
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     inner = model.model
     positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
     generator = step_generator(seed, step, 0)
-    data = [(inner.process_latent_in(ex.latent.float()), ex.flipped, 0, None, None) for ex in examples]
-    rows, _ = comfy_training.uniform_plan(len(data), 0)(generator, 1)
-    batch = comfy_training._pick(data, rows, generator, False)
-    x0 = torch.cat([lat for lat, _, _, _ in batch])
+    data = [inner.process_latent_in(ex.latent.float()) for ex in examples]
+    rows, _ = uniform_plan(len(data), 0)(generator, 1)
+    x0 = torch.cat([data[row] for row in rows])
     noise = torch.randn(x0.shape, generator=generator)
     percent = torch.rand(x0.shape[0], generator=generator)
     sigma = torch.tensor([float(inner.model_sampling.percent_to_sigma(float(p))) for p in percent])
@@ -151,10 +152,10 @@ def _loss_at(model, clip, examples, seed, step):
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": positive})
     conds = comfy.samplers.process_conds(inner, x_t, {"positive": [c.copy() for c in guider.original_conds["positive"]]}, x_t.device)
-    c = comfy_training._batched_conditioning(conds["positive"], [0], x_t, sigma)
+    c = batched_conditioning(conds["positive"], [0], x_t, sigma)
     with torch.no_grad():
         denoised = inner.apply_model(x_t, sigma, transformer_options={"cond_or_uncond": [0], "sigmas": sigma}, **c)
-        loss = comfy_training.native_mse(inner, x_t, sigma, denoised, x0).mean()
+        loss = native_mse(inner, x_t, sigma, denoised, x0).mean()
     comfy.model_management.unload_all_models()
     return float(loss)
 
@@ -163,11 +164,11 @@ def _loss_at(model, clip, examples, seed, step):
 def test_other_architecturestrain_tiny(build, arch):
     model, clip = build(arch)
     c = tiny_models.latent_channels(arch)
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training.examples import Example
 
     g = torch.Generator().manual_seed(0)
-    instance = [comfy_training.Example(torch.randn(1, c, 8, 8, generator=g), 0) for _ in range(2)]
-    prior = [comfy_training.Example(torch.randn(1, c, 8, 8, generator=g), 1) for _ in range(2)]
+    instance = [Example(torch.randn(1, c, 8, 8, generator=g), SKS) for _ in range(2)]
+    prior = [Example(torch.randn(1, c, 8, 8, generator=g), DOG) for _ in range(2)]
     result = train_tiny(model, clip, TrainConfig(steps=3, prior_weight=1.0, seed=1), instance=instance, prior=prior)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     new_model, _, report = apply_shift(model, None, result.shift, 1.0, 0.0)
@@ -203,13 +204,10 @@ def test_text_encoder_training(build, arch):
     """Text-encoder shifts learn (their own learning rate) and apply to the CLIP."""
     model, clip = build(arch)
     before = base_state(clip.patcher)
-    from comfyui_svdiff.svdiff import comfy_training
+    from comfyui_svdiff.svdiff.comfy.training.run import TrainRequest, train
 
-    positive = tiny_models.encode_prompt(clip, "photo of a sks dog")
     config = TrainConfig(steps=3, lr_spectral=1e-2, lr_text=1e-2, prior_weight=0.0, seed=1, train_text_encoder=True)
-    result = comfy_training.train(
-        model, positive, tiny_examples("SD15", count=2), [], config, architecture=arch, clip=clip, captions=["photo of a sks dog"]
-    )
+    result = train(TrainRequest(model, config, tiny_examples("SD15", count=2), clip=clip, architecture=arch))
     text_keys = [k for k in result.shift.tensors if k.startswith("text_encoders.")]
     assert len(text_keys) >= 10 and all(float(result.shift.tensors[k].abs().sum()) > 0 for k in text_keys)
     if arch == "SD15":  # the pooled projection does not reach an SD1.x UNet: no gradient, left out
@@ -229,9 +227,9 @@ def test_text_encoder_training(build, arch):
 
 def test_a_state_of_another_step_is_not_used(comfy_handle, tmp_path, caplog):
     """A .svdiffstate written for step 2 beside a file at step 3 (e.g. copied by hand) is ignored, with a message."""
-    from comfyui_svdiff.nodes.training import _load_state
     from comfyui_svdiff.svdiff import fileformat
     from comfyui_svdiff.svdiff.shift import SpectralShift
+    from comfyui_svdiff.svdiff.training.checkpoint import read_state
 
     shift = SpectralShift({"diffusion_model.a.delta": torch.zeros(3)}, {"svdiff.training": json.dumps({"steps": 3})}, name="x")
     path = write_shift(tmp_path / "x.safetensors", shift)
@@ -239,6 +237,6 @@ def test_a_state_of_another_step_is_not_used(comfy_handle, tmp_path, caplog):
     for steps, used in (("3", True), ("2", False)):
         fileformat.atomic_save(path.with_suffix(".svdiffstate"), state, {"svdiff.steps": steps}, overwrite=True)
         with caplog.at_level("WARNING", logger="svdiff"):
-            loaded = _load_state(path, read_shift(path))
+            loaded = read_state(path, read_shift(path))
         assert (loaded is not None) == used
     assert "x.svdiffstate is the state of step 2, the file is at step 3: not used" in caplog.text

@@ -30,9 +30,9 @@ def image_folder(comfy_handle):
 def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, image_folder, monkeypatch):
     # The loss stream goes to ComfyUI's PromptServer.instance; in this in-process ComfyUI
     # that is the recording server (the real server is covered by test_browser.py).
-    from comfyui_svdiff.nodes import routes
+    from comfyui_svdiff.svdiff.comfy import loss_stream
 
-    monkeypatch.setattr(routes, "prompt_server", lambda: comfy_handle.server)
+    monkeypatch.setattr(loss_stream, "prompt_server", lambda: comfy_handle.server)
     priors_before = set((comfy_handle_cache_dir() / "priors").glob("*.safetensors"))
     result = comfy_handle.run_prompt(train_prompt(tiny_checkpoint, image_folder), fresh_executor=True, timeout=900)
     assert result.success, result.error_message

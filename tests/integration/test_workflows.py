@@ -46,8 +46,8 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
     fresh process so its second copy of the package stays out of this one."""
     code = (
         "import sys\n"
-        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "from support.comfy_env import setup_comfyui\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"  # the repository root, for devtools/
+        "from devtools.harness import setup_comfyui\n"
         f"h = setup_comfyui(base_dir={str(tmp_path)!r})\n"
         f"h.load_extension({str(ROOT)!r})\n"
         "import nodes, folder_paths, comfy.weight_adapter as wa\n"

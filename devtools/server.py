@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 INSTALL_NAME = "ComfyUI-SVDiff"
 
 
@@ -180,7 +180,7 @@ class ComfyServer:
 
 
 class ServerDirs:
-    """The directories of a :class:`~support.server.ComfyServer` in the shape
+    """The directories of a :class:`~devtools.server.ComfyServer` in the shape
     ``scripts/run_workflow.prepare_files`` expects (``model_dir``, ``input_dir``)."""
 
     def __init__(self, server):

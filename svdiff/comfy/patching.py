@@ -1,13 +1,11 @@
-"""Put a spectral shift on a ComfyUI MODEL / CLIP as weight patches.
+"""Put a spectral shift on a ComfyUI MODEL / CLIP: weight patches or bypass hooks.
 
-Works on ComfyUI's ``ModelPatcher`` through its public surface (``clone``,
-``get_key_patches``, ``patches``, ``add_patches``) without importing ComfyUI; the
-adapter class comes from the lazily imported bridge. Order of work, so that nothing
-is half-applied and no input is mutated:
+Order of work, so that nothing is half-applied and no input is mutated:
 
 1. resolve every key against the model (refuse the whole shift on a mismatch);
 2. decompose every targeted base weight (cached; may be cancelled);
-3. only then clone the patchers and install the patches on the clones.
+3. only then clone the patchers and install the adapters on the clones, through
+   ``ModelPatcher.add_patches`` (weight patches) or one injection (bypass mode).
 """
 
 from __future__ import annotations
@@ -18,13 +16,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import comfy.utils
 import torch
 
-from .cache import DecompositionCache, content_hash, default_cache
-from .fileformat import HASH_CHARS, encode_base_hashes
-from .shift import SpectralShift, Target
-from .spectral import Decomposition
-from .targets import ResolvedShift, resolve
+from ..cache import DecompositionCache, content_hash, default_cache
+from ..fileformat import HASH_CHARS, encode_base_hashes
+from ..shift import SpectralShift, Target
+from ..spectral import Decomposition
+from ..targets import ResolvedShift, resolve
+from .adapter import SpectralShiftAdapter, Terms, is_spectral_patch
+from .bypass import BYPASS_KEY, ShiftInjection, bypass_injection, has_activation_form
 
 log = logging.getLogger("svdiff")
 
@@ -168,8 +169,6 @@ def apply_shift(
     either mode, join the new one inside one ReLU. A component whose strength is 0 (or
     that is ``None``) is returned as given.
     """
-    from .comfy_bridge import install_spectral  # ComfyUI only
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}; pick one in the node")
     started = time.perf_counter()
@@ -203,6 +202,62 @@ def apply_shift(
     report.mode = mode
     report.seconds = time.perf_counter() - started
     return new_model, new_clip, report
+
+
+def install_spectral(patcher, spectral: dict[str, tuple[tuple[float, torch.Tensor], Decomposition]], mode: str) -> None:
+    """Put one term per weight on ``patcher`` (a clone), merged with the shifts already there.
+
+    ``spectral`` maps a weight key to ``((strength, δ), decomposition)``. Spectral
+    adapters already on that weight, as weight patches or in this extension's bypass
+    injection, are folded into one adapter (their strengths inside the terms, so the new
+    adapter sees Σ sᵢδᵢ inside one ReLU: eqs. 4, 5), which goes where ``mode`` says:
+
+    * "patch": first in the weight's patch list, so ComfyUI hands it the unpatched weight
+      whatever LoRAs come after;
+    * "bypass": into one injection placed *first* among the patcher's injections, so its
+      hooks are innermost and see the bare layer whatever bypass LoRAs are added. Layers
+      without an activation form (embeddings: their input is token ids) keep a weight patch.
+
+    The injection gets a new key each time: ComfyUI compares injection keys (not their
+    contents) to decide whether a loaded clone already has the right ones.
+    """
+    current = bypass_injection(patcher)
+    bypass = dict(current.adapters) if current is not None else {}
+    patched: dict[str, SpectralShiftAdapter] = {}
+    for param, (term, decomposition) in spectral.items():
+        terms: Terms = ()
+        found = None
+        entries = patcher.patches.get(param, [])
+        for patch in entries:
+            if is_spectral_patch(patch):
+                terms += tuple((patch[0] * s, d) for s, d in patch[1].terms)
+                found = found or patch[1].decomposition
+        previous = bypass.pop(param, None)
+        if previous is not None:
+            terms += tuple((previous.multiplier * s, d) for s, d in previous.terms)
+            found = found or previous.decomposition
+        strength, delta = term
+        adapter = SpectralShiftAdapter.create({param}, terms + ((float(strength), delta),), decomposition or found, key=param)
+        # The folded adapters leave (the new one carries their terms); a fresh list, so the
+        # patcher this one was cloned from keeps its own.
+        others = [patch for patch in entries if not is_spectral_patch(patch)]
+        if others:
+            patcher.patches[param] = others
+        else:
+            patcher.patches.pop(param, None)
+        if mode == "patch" or not has_activation_form(comfy.utils.get_attr(patcher.model, param.rsplit(".", 1)[0])):
+            patched[param] = adapter
+        else:
+            bypass[param] = adapter
+    if patched:
+        patcher.add_patches(patched, 1.0, 1.0)
+        for param in patched:  # first: ComfyUI hands it the unpatched weight
+            entries = patcher.patches[param]
+            entries.insert(0, entries.pop())
+    if current is None and not bypass:
+        return
+    kept = {k: v for k, v in patcher.injections.items() if not k.startswith(BYPASS_KEY)}
+    patcher.injections = ({f"{BYPASS_KEY}.{uuid.uuid4().hex[:12]}": [ShiftInjection(bypass)]} if bypass else {}) | kept
 
 
 def _check_base_hashes(shift: SpectralShift, targets: dict[str, Target], bases: dict[str, torch.Tensor], report: ApplyReport) -> None:

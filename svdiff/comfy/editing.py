@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import editing
+from .. import editing
 
 INVERSION_KEY = "svdiff_inversion"
 

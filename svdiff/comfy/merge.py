@@ -12,6 +12,7 @@ Captions are encoded as one batch (each caption's first 77-token chunk).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -21,16 +22,19 @@ from pathlib import Path
 
 import torch
 
-from . import merge
-from .apply import component_architecture
-from .cache import content_hash, default_cache
-from .shift import SpectralShift
-from .spectral import spectral_update
-from .targets import ShiftMismatchError, resolve
+from .. import merge
+from ..cache import content_hash, default_cache
+from ..shift import SpectralShift
+from ..spectral import spectral_update
+from ..targets import ShiftMismatchError, resolve
+from .folders import LORA_FOLDER, free_paths, save_shift
+from .patching import component_architecture
+from .progress import NodeProgress
+from .tokens import end_token, first_chunk, is_token_id, token_positions
 
 log = logging.getLogger("svdiff")
 
-CAPTIONS_FILE = Path(__file__).with_name("data") / "regularization_captions.txt"
+CAPTIONS_FILE = Path(__file__).parents[1] / "data" / "regularization_captions.txt"
 KV_SUFFIXES = (".attn2.to_k.weight", ".attn2.to_v.weight")
 EMBEDDING = "embedding:"
 
@@ -91,39 +95,24 @@ def check_concepts(concepts: list[Concept]) -> None:
 # Text features
 
 
-def _flat(tokens: dict, key: str) -> list:
-    return [t[0] for t in tokens[key][0]]
-
-
-def _end_token(clip, key: str) -> int:
-    blank = _flat(clip.tokenize(""), key)
-    return int(blank[1]) if len(blank) > 1 else int(blank[0])
-
-
-def _is_token(value) -> bool:
-    return not torch.is_tensor(value) and not isinstance(value, dict)
-
-
 def text_features(clip, captions: list[str], starts: list[int | str]) -> list[torch.Tensor]:
     """Rows ``start … end token`` of each caption's conditioning (float64 on the CPU).
 
     ``starts[i]`` is a row index, or ``"token:<word>"`` / ``"embedding"`` to start at
     that word's first position / the first embedding vector.
     """
-    from .comfy_training import token_positions
-
     tokens = [clip.tokenize(caption) for caption in captions]
     keys = sorted(tokens[0]) if tokens else []
     key = "l" if "l" in keys else keys[0]
-    end = _end_token(clip, key)
+    end = end_token(clip, key)
     spans = []
     for caption, tok, start in zip(captions, tokens, starts, strict=True):
-        flat = _flat(tok, key)
-        stop = next((i for i in range(1, len(flat)) if _is_token(flat[i]) and int(flat[i]) == end), None)
+        flat = first_chunk(tok, key)
+        stop = next((i for i in range(1, len(flat)) if is_token_id(flat[i]) and int(flat[i]) == end), None)
         if stop is None:
             raise ValueError(f"the caption '{caption[:60]}' is longer than the text encoder's 77 tokens; shorten it")
         if start == "embedding":
-            first = next((i for i, t in enumerate(flat) if not _is_token(t)), None)
+            first = next((i for i, t in enumerate(flat) if not is_token_id(t)), None)
             if first is None:
                 raise ValueError(f"the prompt '{caption}' names an embedding that ComfyUI did not find; put it in models/embeddings")
         elif isinstance(start, str):
@@ -178,7 +167,7 @@ def regularization_features(clip, captions: list[str]) -> torch.Tensor:
     if features is None:
         features = torch.cat(text_features(clip, captions, [1] * len(captions)))  # row 0 is the start token
         try:
-            from .fileformat import atomic_save
+            from ..fileformat import atomic_save
 
             atomic_save(path, {"features": features.float().contiguous()}, {"captions": str(len(captions))}, overwrite=True)
             features = features.float().to(torch.float64)  # what a later cache hit returns, bit for bit
@@ -328,3 +317,23 @@ def merge_concepts(model, clip, concepts: list[Concept], captions: list[str], pr
     merged.add_patches({key: ("diff", (delta,)) for key, delta in patches.items()}, 1.0)
     report.seconds = time.perf_counter() - started
     return merged, patches, report
+
+
+def merge_to_file(model, clip, concepts: list[Concept], captions: list[str], filename_prefix: str, node_id=None):
+    """``(merged MODEL, deltas, report text)``; the deltas also go to models/loras when ``filename_prefix`` is set."""
+    target = free_paths(filename_prefix, [LORA_FOLDER], False)[LORA_FOLDER] if filename_prefix.strip() else None
+    merged, patches, report = merge_concepts(model, clip, concepts, captions, progress=NodeProgress(node_id, 1))
+    tensors = {key[: -len(".weight")] + ".diff": delta for key, delta in patches.items()}
+    metadata = {
+        "svdiff.architecture": type(model.model.model_config).__name__,
+        "svdiff.method": "custom-diffusion-merge",
+        "svdiff.concepts": json.dumps([{"deltas": c.deltas.name, "token": c.token, "prompts": c.prompts} for c in concepts]),
+        "svdiff.trigger_words": ", ".join(c.token for c in concepts),
+    }
+    shift = SpectralShift(tensors, metadata, {}, name=target.stem if target else "merged")
+    text = report.text()
+    if target is not None:
+        shift = save_shift(shift, target)
+        text += f"\nsaved models/loras/{target.name}"
+    log.info("SVDiff %s", text)
+    return merged, shift, text

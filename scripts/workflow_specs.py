@@ -1,0 +1,482 @@
+"""The example workflows as short specs: nodes with named widget values and named links.
+
+``scripts/build_workflows.py`` turns them into ComfyUI's UI format (widget order, slot
+types and layout from a live ComfyUI). Declarative data.
+"""
+
+from __future__ import annotations
+
+NEGATIVE = "blurry, low quality, watermark"
+CROWN = "photo of a crown with a blue diamond and a golden eagle on it"
+EDIT = "photo of a crown with a blue diamond on it"
+PAIR = "photo of a sks dog sitting beside a zwx sculpture"
+PETS = "photo of a embedding:cd_sks_dog dog and a embedding:demo_kv_cat cat on a sofa"
+CUT_MIX_TEMPLATES = "photo of a {left} on the left and a {right} on the right\nphoto of a {a} and a {b}"
+DEMO_FOLDER = {"resolution": 512, "caption_extension": ".txt"}
+
+
+def train_widgets(**values):
+    """SVDiffTrain's widget values: the node's usual settings, with ``values`` on top."""
+    return {
+        "steps": 500,
+        "learning_rate": 1e-3,
+        "learning_rate_1d": 1e-6,
+        "layers": "UNet",
+        "name_patterns": "",
+        "rank": 0,
+        "train_text_encoder": False,
+        "learning_rate_text": 1e-4,
+        "batch_size": 1,
+        "grad_accumulation": 1,
+        "optimizer": "AdamW",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": False,
+        "seed": 0,
+        "resume_from": "[none]",
+        "save_on_cancel": True,
+        **values,
+    }
+
+
+def ksampler_widgets(seed):
+    """KSampler's widget values for a 25-step euler sample at CFG 7."""
+    return {
+        "seed": seed,
+        "control_after_generate": "fixed",
+        "steps": 25,
+        "cfg": 7.0,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "denoise": 1.0,
+    }
+
+
+EMPTY_512 = {"width": 512, "height": 512, "batch_size": 1}
+
+
+def node(nid, kind, pos, widgets=None, links=None, title=None):
+    return {"id": nid, "type": kind, "pos": pos, "widgets": widgets or {}, "links": links or {}, "title": title}
+
+
+WORKFLOWS = {
+    "svdiff_apply_and_stack_lora": {
+        "title": "Apply a spectral shift and stack it with a LoRA",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "LoraLoader",
+                [360, 120],
+                {"lora_name": "demo_style_lora.safetensors", "strength_model": 0.8, "strength_clip": 0.8},
+                {"model": (1, 0), "clip": (1, 1)},
+            ),
+            node(
+                3,
+                "SVDiffLoader",
+                [700, 120],
+                {"shift_name": "demo_dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "mode": "patch"},
+                {"model": (2, 0), "clip": (2, 1)},
+            ),
+            node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),
+            node(5, "CLIPTextEncode", [1040, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
+            node(6, "EmptyLatentImage", [700, 420], EMPTY_512),
+            node(
+                7,
+                "KSampler",
+                [1400, 120],
+                ksampler_widgets(seed=42),
+                {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+            ),
+            node(8, "VAEDecode", [1760, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
+            node(9, "SaveImage", [2000, 120], {"filename_prefix": "svdiff/dog_with_style"}, {"images": (8, 0)}),
+            node(10, "SVDiffLoadShift", [20, 560], {"shift_name": "demo_dog.safetensors"}),
+            node(11, "SVDiffInspect", [360, 560], {}, {"shift": (10, 0)}),
+        ],
+    },
+    "svdiff_combine_style_mix": {
+        "title": "Combine two shifts: interpolate, and take some blocks from each (style mixing)",
+        "nodes": [
+            node(1, "SVDiffLoadShift", [20, 100], {"shift_name": "demo_dog.safetensors"}, title="Shift A (subject)"),
+            node(2, "SVDiffLoadShift", [20, 300], {"shift_name": "demo_cat.safetensors"}, title="Shift B (style)"),
+            node(
+                3,
+                "SVDiffCombine",
+                [380, 40],
+                {"weight_a": 0.5, "weight_b": 0.5},
+                {"shift_a": (1, 0), "shift_b": (2, 0)},
+                "Interpolate (eq. 5)",
+            ),
+            node(
+                4,
+                "SVDiffSave",
+                [740, 40],
+                {
+                    "filename_prefix": "mixed/dog_cat_half",
+                    "precision": "fp16",
+                    "overwrite": False,
+                    "trigger_words": "sks",
+                    "description": "0.5·dog + 0.5·cat",
+                },
+                {"shift": (3, 0)},
+            ),
+            node(
+                5,
+                "SVDiffSelectLayers",
+                [380, 300],
+                {
+                    "mode": "keep",
+                    "input_blocks": "all",
+                    "middle_block": True,
+                    "output_blocks": "none",
+                    "other_unet": True,
+                    "text_encoder": True,
+                    "name_patterns": "",
+                },
+                {"shift": (1, 0)},
+                "A: down + mid blocks",
+            ),
+            node(
+                6,
+                "SVDiffSelectLayers",
+                [380, 620],
+                {
+                    "mode": "keep",
+                    "input_blocks": "none",
+                    "middle_block": False,
+                    "output_blocks": "all",
+                    "other_unet": False,
+                    "text_encoder": False,
+                    "name_patterns": "",
+                },
+                {"shift": (2, 0)},
+                "B: up blocks",
+            ),
+            node(
+                7,
+                "SVDiffCombine",
+                [740, 400],
+                {"weight_a": 1.0, "weight_b": 1.0},
+                {"shift_a": (5, 0), "shift_b": (6, 0)},
+                "Style mix (Fig. 12)",
+            ),
+            node(
+                8,
+                "SVDiffSave",
+                [1100, 400],
+                {
+                    "filename_prefix": "mixed/dog_down_cat_up",
+                    "precision": "fp16",
+                    "overwrite": False,
+                    "trigger_words": "sks",
+                    "description": "dog down/mid blocks, cat up blocks",
+                },
+                {"shift": (7, 0)},
+            ),
+            node(9, "SVDiffInspect", [1100, 40], {}, {"shift": (1, 0), "shift_b": (2, 0)}, "Cosine similarity (E.2)"),
+        ],
+    },
+    "svdiff_train_subject": {
+        "title": "Train a spectral shift on a subject (3-5 photos), then sample with it",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "SVDiffDatasetFromFolder",
+                [20, 400],
+                {
+                    "folder": "demo_sks_dog",
+                    "resolution": 512,
+                    "default_caption": "photo of a sks dog",
+                    "trigger_word": "sks",
+                    "caption_extension": ".txt",
+                },
+            ),
+            node(
+                3,
+                "SVDiffTrain",
+                [400, 120],
+                train_widgets(
+                    prior_weight=1.0,
+                    class_prompt="photo of a dog",
+                    num_class_images=50,
+                    random_flip=True,
+                    save_every=100,
+                    filename_prefix="svdiff/sks_dog",
+                    preview_every=100,
+                    preview_prompt="photo of a sks dog in a bucket",
+                ),
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
+            ),
+            node(4, "CLIPTextEncode", [800, 40], {"text": "photo of a sks dog in a bucket"}, {"clip": (3, 1)}, "Positive"),
+            node(5, "CLIPTextEncode", [800, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
+            node(6, "EmptyLatentImage", [800, 560], EMPTY_512),
+            node(
+                7,
+                "KSampler",
+                [1160, 120],
+                ksampler_widgets(seed=7),
+                {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+            ),
+            node(8, "VAEDecode", [1520, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
+            node(9, "SaveImage", [1760, 120], {"filename_prefix": "svdiff/sks_dog_in_a_bucket"}, {"images": (8, 0)}),
+            node(10, "PreviewImage", [1160, 560], {}, {"images": (3, 4)}, "Loss curve"),
+        ],
+    },
+    "svdiff_cosine_edit": {
+        "title": "CoSINE: fine-tune on one photo and its description, then edit by changing the prompt",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(2, "LoadImage", [20, 380], {"image": "demo_crown.png", "upload": "image"}),
+            node(
+                3,
+                "ImageScale",
+                [20, 760],
+                {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+                {"image": (2, 0)},
+            ),
+            node(
+                4,
+                "SVDiffDatasetFromImages",
+                [380, 520],
+                {"captions": CROWN, "trigger_word": "", "resolution": 512},
+                {"images": (3, 0)},
+                "The photo and its description",
+            ),
+            node(
+                5,
+                "SVDiffTrain",
+                [740, 120],
+                train_widgets(
+                    steps=300,
+                    prior_weight=0.0,
+                    class_prompt="",
+                    num_class_images=0,
+                    random_flip=False,
+                    save_every=0,
+                    filename_prefix="svdiff/crown",
+                    preview_every=100,
+                    preview_prompt=EDIT,
+                ),
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0)},
+                "Fine-tune (λ = 0: no prior images)",
+            ),
+            node(6, "VAEEncode", [380, 860], {}, {"pixels": (3, 0), "vae": (1, 2)}),
+            node(7, "CLIPTextEncode", [1120, 40], {"text": CROWN}, {"clip": (5, 1)}, "Description of the photo"),
+            node(8, "BasicScheduler", [1120, 300], {"scheduler": "normal", "steps": 50, "denoise": 1.0}, {"model": (5, 0)}),
+            node(
+                9,
+                "SVDiffDDIMInversion",
+                [1480, 40],
+                {"cfg": 1.0, "refine_iterations": 50, "tolerance": 1e-6},
+                {"model": (5, 0), "positive": (7, 0), "latent": (6, 0), "sigmas": (8, 0)},
+            ),
+            node(
+                10,
+                "SVDiffInvertedNoise",
+                [1840, 40],
+                {"noise_seed": 1, "control_after_generate": "fixed", "alpha": 0.0},
+                {"inverted_latent": (9, 0)},
+            ),
+            node(11, "SVDiffDDIMSampler", [1840, 260], {"eta": 0.5, "s_noise": 1.0}, title="DDIM η = 0.5"),
+            node(12, "CLIPTextEncode", [1120, 520], {"text": EDIT}, {"clip": (5, 1)}, "Edited prompt"),
+            node(13, "CLIPTextEncode", [1120, 780], {"text": NEGATIVE}, {"clip": (5, 1)}, "Negative"),
+            node(14, "CFGGuider", [1480, 520], {"cfg": 6.0}, {"model": (5, 0), "positive": (12, 0), "negative": (13, 0)}),
+            node(
+                15,
+                "SamplerCustomAdvanced",
+                [2200, 40],
+                {},
+                {"noise": (10, 0), "guider": (14, 0), "sampler": (11, 0), "sigmas": (8, 0), "latent_image": (6, 0)},
+                "Edit with inversion",
+            ),
+            node(16, "VAEDecode", [2560, 40], {}, {"samples": (15, 0), "vae": (1, 2)}),
+            node(17, "SaveImage", [2800, 40], {"filename_prefix": "svdiff/crown_edit_inverted"}, {"images": (16, 0)}),
+            node(18, "RandomNoise", [1840, 700], {"noise_seed": 1, "control_after_generate": "fixed"}),
+            node(19, "SVDiffDDIMSampler", [1840, 880], {"eta": 0.0, "s_noise": 1.0}, title="DDIM η = 0"),
+            node(20, "EmptyLatentImage", [1840, 1040], EMPTY_512),
+            node(
+                21,
+                "SamplerCustomAdvanced",
+                [2200, 700],
+                {},
+                {"noise": (18, 0), "guider": (14, 0), "sampler": (19, 0), "sigmas": (8, 0), "latent_image": (20, 0)},
+                "Edit without inversion",
+            ),
+            node(22, "VAEDecode", [2560, 700], {}, {"samples": (21, 0), "vae": (1, 2)}),
+            node(23, "SaveImage", [2800, 700], {"filename_prefix": "svdiff/crown_edit_no_inversion"}, {"images": (22, 0)}),
+            node(24, "PreviewImage", [740, 860], {}, {"images": (5, 4)}, "Loss curve"),
+        ],
+    },
+    "svdiff_custom_diffusion": {
+        "title": "Custom Diffusion: train K/V weights and a modifier token, merge with a second concept in closed form, sample both",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "SVDiffDatasetFromFolder",
+                [20, 380],
+                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+            ),
+            node(
+                3,
+                "SVDiffTrainCustomDiffusion",
+                [400, 120],
+                {
+                    "deltas": "K/V weights (Custom Diffusion)",
+                    "steps": 250,
+                    "learning_rate": 1e-5,
+                    "learning_rate_spectral": 1e-3,
+                    "modifier_token": "sks",
+                    "initializer_token": "42170",
+                    "learning_rate_token": 1e-5,
+                    "augmentation": "auto",
+                    "augment_variants": 8,
+                    "prior_weight": 1.0,
+                    "class_prompt": "photo of a dog",
+                    "num_class_images": 20,
+                    "batch_size": 1,
+                    "random_flip": True,
+                    "seed": 0,
+                    "filename_prefix": "cd_sks_dog",
+                    "overwrite": True,
+                },
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
+                "Train the dog (K/V + token; overwrite on: reruns replace cd_sks_dog)",
+            ),
+            node(4, "SVDiffLoadKVDeltas", [400, 900], {"deltas_name": "demo_kv_cat.safetensors"}, title="A second concept (K/V deltas)"),
+            node(
+                5,
+                "SVDiffConcept",
+                [800, 120],
+                {"token": "embedding:cd_sks_dog", "class_word": "dog", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"deltas": (3, 2)},
+            ),
+            node(
+                6,
+                "SVDiffConcept",
+                [1200, 120],
+                {"token": "embedding:demo_kv_cat", "class_word": "cat", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"deltas": (4, 0), "concepts": (5, 0)},
+            ),
+            node(
+                7,
+                "SVDiffMergeConcepts",
+                [1600, 120],
+                {"builtin_captions": True, "extra_captions": "", "filename_prefix": ""},
+                {"model": (1, 0), "clip": (1, 1), "concepts": (6, 0)},
+            ),
+            node(8, "CLIPTextEncode", [1600, 560], {"text": PETS}, {"clip": (1, 1)}, "Positive"),
+            node(9, "CLIPTextEncode", [1600, 820], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative"),
+            node(10, "EmptyLatentImage", [1600, 1080], EMPTY_512),
+            node(
+                11,
+                "KSampler",
+                [2000, 120],
+                ksampler_widgets(seed=7),
+                {"model": (7, 0), "positive": (8, 0), "negative": (9, 0), "latent_image": (10, 0)},
+            ),
+            node(12, "VAEDecode", [2400, 120], {}, {"samples": (11, 0), "vae": (1, 2)}),
+            node(13, "SaveImage", [2700, 120], {"filename_prefix": "svdiff/dog_and_cat_merged"}, {"images": (12, 0)}),
+        ],
+    },
+    "svdiff_multi_subject": {
+        "title": "Learn two subjects together with Cut-Mix-Unmix, then sample them side by side",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(
+                2,
+                "SVDiffDatasetFromFolder",
+                [20, 380],
+                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+            ),
+            node(
+                3,
+                "SVDiffDatasetFromFolder",
+                [20, 680],
+                {**DEMO_FOLDER, "folder": "demo_zwx_sculpture", "default_caption": "photo of a zwx sculpture", "trigger_word": "zwx"},
+            ),
+            node(
+                4,
+                "SVDiffCutMixUnmix",
+                [400, 380],
+                {
+                    "phrases": "sks dog\nzwx sculpture",
+                    "probability": 0.6,
+                    "layout": "left_right",
+                    "split_min": 0.5,
+                    "split_max": 0.5,
+                    "prompt_templates": CUT_MIX_TEMPLATES,
+                    "collages": 32,
+                    "random_flip": True,
+                    "seed": 0,
+                },
+                {"subject_1": (2, 0), "subject_2": (3, 0)},
+            ),
+            node(
+                5,
+                "SVDiffAttentionRegularization",
+                [400, 900],
+                {"unmix_weight": 100.0, "subject_weight": 0.0, "threshold": 0.5, "class_word": ""},
+            ),
+            node(
+                6,
+                "SVDiffTrain",
+                [800, 120],
+                train_widgets(
+                    steps=1000,
+                    prior_weight=1.0,
+                    class_prompt="",
+                    num_class_images=50,
+                    random_flip=True,
+                    save_every=250,
+                    filename_prefix="svdiff/sks_dog_zwx_sculpture",
+                    preview_every=250,
+                    preview_prompt=PAIR,
+                ),
+                {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0), "attention": (5, 0)},
+                "Train both subjects (50 class images per subject are generated)",
+            ),
+            node(7, "CLIPTextEncode", [1200, 40], {"text": PAIR}, {"clip": (6, 1)}, "Positive"),
+            node(8, "CLIPTextEncode", [1200, 300], {"text": ""}, {"clip": (6, 1)}, "Null prompt"),
+            node(
+                9, "CLIPTextEncode", [1200, 560], {"text": "photo of a dog and a sculpture"}, {"clip": (6, 1)}, "Prior prompt as negative"
+            ),
+            node(
+                10,
+                "SVDiffNegativePriorGuider",
+                [1560, 40],
+                {"cfg": 7.5, "beta": 0.5},
+                {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "prior_negative": (9, 0)},
+            ),
+            node(11, "RandomNoise", [1560, 300], {"noise_seed": 5, "control_after_generate": "fixed"}),
+            node(12, "KSamplerSelect", [1560, 460], {"sampler_name": "euler"}),
+            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 30, "denoise": 1.0}, {"model": (6, 0)}),
+            node(14, "EmptyLatentImage", [1560, 760], EMPTY_512),
+            node(
+                15,
+                "SamplerCustomAdvanced",
+                [1920, 40],
+                {},
+                {"noise": (11, 0), "guider": (10, 0), "sampler": (12, 0), "sigmas": (13, 0), "latent_image": (14, 0)},
+            ),
+            node(16, "VAEDecode", [2280, 40], {}, {"samples": (15, 0), "vae": (1, 2)}),
+            node(17, "SaveImage", [2520, 40], {"filename_prefix": "svdiff/sks_dog_beside_zwx_sculpture"}, {"images": (16, 0)}),
+            node(18, "PreviewImage", [1200, 820], {}, {"images": (6, 4)}, "Loss curve"),
+        ],
+    },
+    "svdiff_export_lora": {
+        "title": "Export a spectral shift as an ordinary LoRA",
+        "nodes": [
+            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(2, "SVDiffLoadShift", [20, 360], {"shift_name": "demo_dog.safetensors"}),
+            node(
+                3,
+                "SVDiffExportLoRA",
+                [380, 120],
+                {"rank": 64, "strength_model": 1.0, "strength_clip": 1.0, "filename_prefix": "svdiff/demo_dog_rank64", "precision": "fp16"},
+                {"model": (1, 0), "clip": (1, 1), "shift": (2, 0)},
+            ),
+        ],
+    },
+}
