@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..svdiff.comfy.folders import shift_files
+from ..svdiff.comfy.folders import input_folder, shift_files
 from ..svdiff.comfy.training import jobs
 from ..svdiff.training import data as training_data
 from ..svdiff.training.config import OPTIMIZERS, TrainConfig
@@ -25,15 +22,6 @@ NO_RESUME = jobs.NO_RESUME
 # Datasets
 
 
-def _resolve_folder(text: str) -> Path:
-    """An absolute folder, or one relative to ComfyUI's input folder."""
-    text = text.strip()
-    if not text:
-        raise ValueError("folder is empty; give a folder of training images (absolute, or relative to ComfyUI's input folder)")
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
-
-
 class SVDiffDatasetFromFolder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -47,7 +35,11 @@ class SVDiffDatasetFromFolder(io.ComfyNode):
                 "(e.g. '10_sks dog') repeat their images. Images are scaled so the shorter side is the resolution, then center-cropped."
             ),
             inputs=[
-                io.String.Input("folder", default="svdiff/sks_dog", tooltip="Absolute path, or relative to ComfyUI's input folder."),
+                io.String.Input(
+                    "folder",
+                    default="svdiff/sks_dog",
+                    tooltip="A folder inside ComfyUI's input folder, e.g. svdiff/sks_dog (absolute paths and .. are refused).",
+                ),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
                 io.String.Input(
                     "default_caption", default="photo of a sks dog", tooltip="For images with no caption file and no class words."
@@ -60,14 +52,17 @@ class SVDiffDatasetFromFolder(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder, **kwargs):
-        path = _resolve_folder(folder)
+        try:
+            path = input_folder(folder)
+        except ValueError:
+            return f"refused:{folder}"  # execute() says why
         if not path.is_dir():
             return f"missing:{path}"
         return ";".join(f"{p}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")) if p.is_file())
 
     @classmethod
     def execute(cls, folder, resolution, default_caption, trigger_word, caption_extension):
-        dataset = training_data.load_folder(_resolve_folder(folder), resolution, default_caption, caption_extension, trigger_word)
+        dataset = training_data.load_folder(input_folder(folder), resolution, default_caption, caption_extension, trigger_word)
         images = torch.stack([item.image for item in dataset.items])
         text = f"{len(dataset.items)} images, {len(dataset.expanded())} with repeats, {len(dataset.captions())} captions"
         return io.NodeOutput(dataset, images, ui=ui.PreviewText(text))

@@ -52,8 +52,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    out = (args.out or ROOT / "out" / args.workflow.stem).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args.workflow = find_workflow(args.workflow)
+    out = fresh_output_folder(args.out, args.workflow)
     started = time.perf_counter()
     # ComfyUI logs a traceback for every optional node pack it cannot import (audio
     # nodes without torchaudio, ...); those do not concern this run.
@@ -88,6 +88,35 @@ def main() -> int:
     return 0
 
 
+MARKER = ".svdiff-run-output"
+"""Marks a folder this script made, so a later run may empty it."""
+
+
+def find_workflow(path: Path) -> Path:
+    """``path``, or a shipped workflow of that name; else exit with the list of shipped ones."""
+    if path.is_file():
+        return path
+    shipped = sorted((ROOT / "workflows").glob("*.json"))
+    for candidate in (ROOT / "workflows" / path.name, ROOT / "workflows" / f"{path.name}.json"):
+        if candidate.is_file():
+            return candidate
+    names = "\n  ".join(p.name for p in shipped)
+    raise SystemExit(f"workflow '{path}' not found; give a workflow file, or one of the shipped workflows:\n  {names}")
+
+
+def fresh_output_folder(requested: Path | None, workflow: Path) -> Path:
+    """An empty output folder for this run: the default ``out/<name>`` or ``--out``, emptied
+    when an earlier run of this script made it; another non-empty folder is refused."""
+    out = (requested or ROOT / "out" / workflow.stem).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists() and requested is not None:
+            raise SystemExit(f"--out {out} is not empty and was not made by this script; choose a new or empty folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by scripts/run_workflow.py; emptied by its next run\n")
+    return out
+
+
 def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) -> None:
     """Smaller images, fewer sampler steps and a short training run (for the tiny model)."""
     for entry in prompt.values():
@@ -116,7 +145,7 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
 
 def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
     """Create the demo shift/LoRA files and image folders the workflow names; refuse other missing files."""
-    needed = []
+    needed: dict[Path, tuple[str, str]] = {}  # one demo file per path, whichever nodes name it
     for entry in prompt.values():
         if entry["class_type"] == "SVDiffDatasetFromFolder":
             folder = handle.input_dir / entry["inputs"]["folder"]
@@ -140,14 +169,14 @@ def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
         if isinstance(filename, str) and not (handle.model_dir(folder) / filename).exists():
             if not Path(filename).name.startswith("demo_"):
                 raise SystemExit(f"{entry['class_type']}: '{filename}' is not in {handle.model_dir(folder)}; put it there and run again")
-            needed.append((folder, filename, entry["class_type"]))
+            needed.setdefault(handle.model_dir(folder) / filename, (folder, entry["class_type"]))
     if not needed:
         return
     import comfy.sd
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clipvision=False)
-    for seed, (folder, filename, kind) in enumerate(sorted(set(needed)), start=1):
-        path = handle.model_dir(folder) / filename
+    for seed, (path, (folder, kind)) in enumerate(sorted(needed.items()), start=1):
+        filename = path.relative_to(handle.model_dir(folder)).as_posix()
         if kind == "SVDiffLoadKVDeltas":
             write_demo_kv(path, handle.model_dir("embeddings") / filename, model, clip, seed)
         elif folder == "spectral_shifts":
@@ -170,12 +199,13 @@ def report(handle, result, out: Path, seconds: float) -> None:
         for path in sorted((models / folder).rglob("*.safetensors")):
             if not path.name.startswith("demo_"):
                 print(f"  {folder}: {path}")
-    gallery = out / "images"
-    gallery.mkdir(exist_ok=True)
-    for path in result.output_files():
-        if path.suffix == ".png":
+    images = [path for path in result.output_files() if path.suffix == ".png"]
+    if images:
+        gallery = out / "images"
+        gallery.mkdir(exist_ok=True)
+        for path in images:
             shutil.copy2(path, gallery / path.name)
-    print(f"  (images copied to {gallery})")
+        print(f"  (images copied to {gallery})")
 
 
 if __name__ == "__main__":

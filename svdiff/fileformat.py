@@ -18,6 +18,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -316,6 +317,7 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     tmp = Path(tmp_name)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # mkstemp's file is owner-only; publish what open() would give
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -343,6 +345,25 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file in this process: 0o666 less the umask
+    (0o644 under the usual 022), as ComfyUI's own outputs get."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux: read without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 class SaveError(OSError):

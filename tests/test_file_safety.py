@@ -214,3 +214,26 @@ def test_load_save_load_is_bit_identical_in_both_precisions(tmp_path):
         second = read_shift(write_shift(tmp_path / f"b_{precision}.safetensors", first, precision=precision))
         assert same(first, second), precision
         assert first.metadata == second.metadata
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask):
+    """Shift files (and every atomic save: states, LoRAs, embeddings) get the permissions a
+    plain ``open()`` gives a new file, as ComfyUI's own outputs do: 0644 under umask 022,
+    not mkstemp's owner-only 0600."""
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        reference = tmp_path / "reference.bin"
+        with open(reference, "wb") as f:
+            f.write(b"x")
+        shift = SpectralShift({"diffusion_model.a.delta": torch.zeros(3)}, {}, name="m")
+        saved = write_shift(tmp_path / "saved.safetensors", shift)
+        state = fileformat.atomic_save(tmp_path / "saved.svdiffstate", {"a": torch.ones(2)}, {}, overwrite=True)
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE(reference.stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert stat.S_IMODE(saved.stat().st_mode) == expected
+    assert stat.S_IMODE(state.stat().st_mode) == expected

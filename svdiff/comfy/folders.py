@@ -7,6 +7,7 @@ its training state in one place (:func:`save_shift`).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -19,6 +20,8 @@ from ..fileformat import ShiftFileError, read_shift, write_shift
 from ..shift import SpectralShift
 from ..training.checkpoint import write_state
 
+log = logging.getLogger("svdiff")
+
 SHIFT_FOLDER = "spectral_shifts"
 LORA_FOLDER = "loras"
 EMBEDDING_FOLDER = "embeddings"
@@ -29,8 +32,13 @@ def register_model_folder() -> None:
 
     extra_model_paths.yaml may already have created the entry (with no extension
     filter) before this extension loads; keep its paths, add ours, set the filter.
+    The folder itself is created, so users find where to put shift files.
     """
     default = os.path.join(folder_paths.models_dir, SHIFT_FOLDER)
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError as exc:  # a read-only models folder: the other paths still work
+        log.warning("SVDiff: could not create %s (%s)", default, exc)
     if SHIFT_FOLDER in folder_paths.folder_names_and_paths:
         paths, _ = folder_paths.folder_names_and_paths[SHIFT_FOLDER]
         if default not in paths:
@@ -116,6 +124,32 @@ def numbered(path: Path, *companions: Path) -> Path:
         if not taken(candidate.name):
             return candidate
     raise ValueError(f"too many files named '{stem}_*' in {path.parent}; choose another name")
+
+
+def input_folder(text: str, input_name: str = "folder") -> Path:
+    """A folder inside ComfyUI's input folder, named relative to it.
+
+    Absolute paths, ``..`` and symlinks that lead outside are refused, as ComfyUI's own
+    loaders confine names to its folders: a server started with ``--listen`` must not
+    let a client read images from anywhere on the host.
+    """
+    root = Path(folder_paths.get_input_directory())
+    cleaned = text.strip().replace("\\", "/")
+    if not cleaned:
+        raise ValueError(
+            f"{input_name} is empty; put the training images in a folder inside {root} and write its name, e.g. 'svdiff/sks_dog'"
+        )
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if cleaned.startswith(("/", "~")) or ":" in cleaned or ".." in parts or "\x00" in cleaned or not parts:
+        raise ValueError(
+            f"{input_name} '{text}' is not a folder inside ComfyUI's input folder: put the images in a folder there "
+            f"({root}/<name>) and write its name, e.g. 'svdiff/sks_dog'"
+        )
+    candidate = root.joinpath(*parts)
+    root_real = os.path.realpath(root)
+    if os.path.commonpath([root_real, os.path.realpath(candidate)]) != root_real:
+        raise ValueError(f"{input_name} '{text}' leads outside ComfyUI's input folder (through a symlink); copy the images into {root}")
+    return candidate
 
 
 def free_paths(prefix: str, folders: list[str], overwrite: bool, what: str = "file") -> dict[str, Path]:

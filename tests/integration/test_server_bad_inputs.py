@@ -326,6 +326,9 @@ FILE_CASES = [
 TRAINING_CASES = [
     Case("dataset folder empty", lambda c: train(c, "bad_empty_folder"), ("folder", "contains no images", "add images to it"), "SVDiffDatasetFromFolder"),
     Case("dataset folder missing", lambda c: train(c, "bad_no_such_folder"), ("folder", "does not exist"), "SVDiffDatasetFromFolder"),
+    Case("dataset folder absolute", lambda c: train(c, "/etc"), ("folder '/etc' is not a folder inside ComfyUI's input folder", "write its name"), "SVDiffDatasetFromFolder"),
+    Case("dataset folder climbing out", lambda c: train(c, "../models/checkpoints"), ("folder '../models/checkpoints' is not a folder inside ComfyUI's input folder",), "SVDiffDatasetFromFolder"),
+    Case("dataset folder through a symlink", lambda c: train(c, "bad_link_in"), ("folder 'bad_link_in' leads outside ComfyUI's input folder", "copy the images"), "SVDiffDatasetFromFolder"),
     Case("image 1×1", lambda c: train(c, "bad_tiny"), ("image 'tiny.png' is 1×1", "at least 64 px", "remove it or replace it"), "SVDiffDatasetFromFolder"),
     Case("image file corrupt", lambda c: train(c, "bad_corrupt"), ("image 'broken.png' cannot be read", "remove it or convert it"), "SVDiffDatasetFromFolder"),
     Case("captions and images mismatched", lambda c: images_dataset(c, "photo of sks dog\nsks dog on grass"), ("2 captions for 3 images", "one caption for all, or one per image"), "SVDiffDatasetFromImages"),
@@ -402,6 +405,12 @@ def matrix(comfy_server, comfy_handle, tiny_checkpoint, tmp_path_factory):
     link = comfy_server.models(SHIFTS) / "bad_link_out"
     if not link.exists():
         link.symlink_to(outside, target_is_directory=True)
+    images_outside = tmp_path_factory.mktemp("images-outside")  # readable by the server, outside its input folder
+    Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8)).save(images_outside / "secret.png")
+    (images_outside / "secret.txt").write_text("photo of a sks dog")
+    link_in = comfy_server.input_dir / "bad_link_in"
+    if not link_in.exists():
+        link_in.symlink_to(images_outside, target_is_directory=True)
     baseline = canary_latent(comfy_server, tiny_checkpoint, 0, "bad")
     return {"baseline": baseline, "outside": outside, "canaries": [1]}
 

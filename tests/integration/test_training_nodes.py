@@ -66,6 +66,8 @@ def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, ima
         timeout=900,
     )
     assert resumed.success, resumed.error_message
+    report = resumed.output("3")["text"][0]
+    assert "for 2 steps (steps 4–5, resumed)" in report, report  # the steps of this run, not the total
     more = read_shift(folder / "dog_more.safetensors")
     assert json.loads(more.metadata["svdiff.training"])["steps"] == 5
 

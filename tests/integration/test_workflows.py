@@ -28,6 +28,9 @@ def test_main_job_command(tmp_path):
     """`python scripts/run_workflow.py` as a user runs it, in a fresh process."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "SVDIFF_CACHE_DIR": str(tmp_path / "svd")}
     out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)  # what an earlier run left
+    (out / ".svdiff-run-output").write_text("")
+    (out / "images" / "old_run.png").write_bytes(b"old")
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_workflow.py"), "--out", str(out)],
         capture_output=True,
@@ -39,6 +42,22 @@ def test_main_job_command(tmp_path):
     assert f"outputs under {out}" in run.stdout
     images = list((out / "images").glob("*.png"))
     assert any("dog_with_style" in p.name for p in images), run.stdout
+    assert not (out / "images" / "old_run.png").exists()  # a clean output folder per run
+    created = [line for line in run.stdout.splitlines() if line.startswith("created ")]
+    assert created and len(created) == len(set(created)), run.stdout  # each demo file made (and said) once
+
+
+def test_main_job_names_the_shipped_workflows_for_an_unknown_one(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_workflow.py"), "does_not_exist", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "workflow 'does_not_exist' not found" in run.stderr and "svdiff_apply_and_stack_lora.json" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "x").exists()  # nothing created for a run that did not start
 
 
 def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
@@ -56,6 +75,8 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
         "print('ADAPTER', [a.name for a in wa.adapters].count('svdiff'))\n"
         "print('FOLDER', sorted(folder_paths.folder_names_and_paths['spectral_shifts'][1]))\n"
         "print('WEB', any(p.endswith('web') for p in nodes.EXTENSION_WEB_DIRS.values()))\n"
+        "import os\n"
+        "print('CREATED', os.path.isdir(os.path.join(folder_paths.models_dir, 'spectral_shifts')))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -72,3 +93,4 @@ def test_comfyui_own_custom_node_loader_registers_the_extension(tmp_path):
     assert "ADAPTER 1" in run.stdout
     assert "FOLDER ['.safetensors']" in run.stdout
     assert "WEB True" in run.stdout
+    assert "CREATED True" in run.stdout  # models/spectral_shifts exists once ComfyUI has started, for users to put files in

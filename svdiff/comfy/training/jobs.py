@@ -55,8 +55,11 @@ class Trained:
 
 
 def _report(result: TrainingResult, saved: str) -> str:
+    steps = f"{result.steps - result.first_step} steps"
+    if result.first_step:
+        steps += f" (steps {result.first_step + 1}–{result.steps}, resumed)"
     return (
-        f"trained {result.layers} layers ({result.parameters:,} values) for {result.steps} steps in {result.seconds:.0f} s; "
+        f"trained {result.layers} layers ({result.parameters:,} values) for {steps} in {result.seconds:.0f} s; "
         f"final loss {result.losses[-1]:.4f}; saved {saved}"
     )
 

@@ -89,6 +89,8 @@ class TrainingResult:
     seconds: float
     parameters: int
     layers: int
+    first_step: int = 0
+    """The step this run started from (a resumed shift's steps; 0 for a fresh run)."""
     embedding: dict[str, torch.Tensor] = field(default_factory=dict)
     """The modifier token's trained vectors as a ComfyUI embedding: ``{"clip_l": (1, d), …}``."""
 
@@ -185,6 +187,7 @@ def _train(request: TrainRequest) -> TrainingResult:
         trainer.step = int(summary.get("steps", 0))
         trainer.losses = list(summary.get("losses", []))[-10000:]
         _resume_state(trainer, request.resume, request.resume_state, names)
+    first_step = trainer.step
 
     def snapshot() -> SpectralShift:
         return layers.snapshot(request.architecture, request.metadata)
@@ -206,6 +209,7 @@ def _train(request: TrainRequest) -> TrainingResult:
         time.perf_counter() - started,
         sum(p.numel() for p in trainer.parameters),
         layers.count,
+        first_step=first_step,
         embedding={} if modifier is None else modifier.embedding(),
     )
 
