@@ -69,6 +69,14 @@ class ComfyPage:
 
     def open(self, timeout_ms: int = 90_000) -> ComfyPage:
         self.page.goto(self.url + "/")
+        return self._ready(timeout_ms)
+
+    def reload(self, timeout_ms: int = 90_000) -> ComfyPage:
+        """Reload the tab as a user presses F5 (the frontend restores the open workflow)."""
+        self.page.reload()
+        return self._ready(timeout_ms)
+
+    def _ready(self, timeout_ms: int) -> ComfyPage:
         self.page.wait_for_function(
             "() => window.app?.graph && window.LiteGraph?.registered_node_types?.SVDiffTrain && window.app.extensionManager",
             timeout=timeout_ms,

@@ -7,6 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..svdiff.comfy.folders import input_folder, shift_files
 from ..svdiff.comfy.training import jobs
+from ..svdiff.shift import plural
 from ..svdiff.training import data as training_data
 from ..svdiff.training.config import OPTIMIZERS, TrainConfig
 from ..svdiff.training.subsets import CUSTOM, SUBSETS
@@ -64,7 +65,9 @@ class SVDiffDatasetFromFolder(io.ComfyNode):
     def execute(cls, folder, resolution, default_caption, trigger_word, caption_extension):
         dataset = training_data.load_folder(input_folder(folder), resolution, default_caption, caption_extension, trigger_word)
         images = torch.stack([item.image for item in dataset.items])
-        text = f"{len(dataset.items)} images, {len(dataset.expanded())} with repeats, {len(dataset.captions())} captions"
+        text = (
+            f"{plural(len(dataset.items), 'image')}, {len(dataset.expanded())} with repeats, {plural(len(dataset.captions()), 'caption')}"
+        )
         return io.NodeOutput(dataset, images, ui=ui.PreviewText(text))
 
 
@@ -106,7 +109,7 @@ class SVDiffDatasetFromImages(io.ComfyNode):
         if not lines:
             raise ValueError("captions is empty; write a caption such as 'photo of a {trigger} dog'")
         dataset = training_data.from_images(list(images), lines, resolution[0], trigger)
-        return io.NodeOutput(dataset, ui=ui.PreviewText(f"{len(dataset.items)} images"))
+        return io.NodeOutput(dataset, ui=ui.PreviewText(plural(len(dataset.items), "image")))
 
 
 # ----------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ def summary(shift: SpectralShift, path: Path) -> dict:
         "trigger_words": triggers,
         "steps": _whole(training.get("steps")),
         "rank": _whole(training.get("rank")),
+        "layers": shift.layer_summary(),
         "model_layers": components.get("model", 0),
         "text_encoder_layers": components.get("clip", 0),
         "spectral": kinds.get("spectral", 0),

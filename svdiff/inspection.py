@@ -77,17 +77,12 @@ def cosine_by_layer(a: SpectralShift, b: SpectralShift) -> OrderedDict[str, floa
 
 def describe(shift: SpectralShift, other: SpectralShift | None = None) -> str:
     """The text panel of SVDiffInspect."""
-    targets = shift.targets()
-    spectral = [k for k, t in targets.items() if t.kind == "spectral"]
-    model_spectral = [k for k in spectral if targets[k].component == "model"]
-    clip_spectral = [k for k in spectral if targets[k].component == "clip"]
-    elementwise = [k for k, t in targets.items() if t.kind == "elementwise"]
+    spectral = [k for k, t in shift.targets().items() if t.kind == "spectral"]
     values = shift.num_values()
     lines = [
         f"spectral shift: {shift.name}",
         f"architecture: {shift.architecture}    base fingerprint: {base_fingerprint(shift)}",
-        f"spectral layers: {len(model_spectral)} diffusion model, {len(clip_spectral)} text encoder",
-        f"elementwise deltas: {len(elementwise)} tensors",
+        f"layers: {shift.layer_summary()}",
         f"values: {values:,} (≈ {values * 2 / 1024:,.0f} KiB as fp16, {values * 4 / 1024:,.0f} KiB as fp32)",
     ]
     if spectral:

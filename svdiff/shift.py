@@ -116,6 +116,21 @@ class SpectralShift:
     def num_values(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
+    def layer_counts(self) -> dict[str, int]:
+        """How many tensors of each kind: spectral layers of the diffusion model and of the
+        text encoder, elementwise deltas (any component). Every count shown anywhere
+        (Inspect, the loader panel, apply reports) is this one."""
+        targets = self.targets().values()
+        return {
+            "model_spectral": sum(1 for t in targets if t.kind == "spectral" and t.component == "model"),
+            "clip_spectral": sum(1 for t in targets if t.kind == "spectral" and t.component == "clip"),
+            "elementwise": sum(1 for t in targets if t.kind == "elementwise"),
+        }
+
+    def layer_summary(self) -> str:
+        """:meth:`layer_counts` in words, e.g. "27 diffusion-model + 75 text-encoder spectral layers, 36 elementwise deltas"."""
+        return layer_summary(**self.layer_counts())
+
     def training_summary(self) -> dict:
         """The ``svdiff.training`` JSON of later issues (trigger words, steps, ...)."""
         value = parse_json_metadata(self.metadata.get("svdiff.training"))
@@ -262,3 +277,14 @@ def select(shift: SpectralShift, keep: Callable[[str], bool], description: str) 
     """The shift restricted to the file keys for which ``keep(key)`` is true."""
     tensors = {key: t for key, t in shift.tensors.items() if keep(key)}
     return shift.with_tensors(tensors, f"select {description}")
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """``"1 caption"``, ``"2 captions"``."""
+    return f"{count:,} {word if count == 1 else (words or word + 's')}"
+
+
+def layer_summary(model_spectral: int, clip_spectral: int, elementwise: int) -> str:
+    """The words every count of a shift's tensors is shown in (see ``SpectralShift.layer_counts``)."""
+    text = f"{model_spectral} diffusion-model + {clip_spectral} text-encoder spectral layers"
+    return text + (f", {plural(elementwise, 'elementwise delta')}" if elementwise else "")

@@ -9,6 +9,7 @@ whole; nothing is half-applied.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -56,7 +57,8 @@ def resolve(
     loader does. Raises :class:`ShiftMismatchError` naming the first few problems.
     """
     resolved = ResolvedShift()
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (component, what is wrong)
+    checked: Counter[str] = Counter()
     for key, tensor in shift.tensors.items():
         target = parse_key(key)
         if target.component == "clip":
@@ -66,9 +68,11 @@ def resolve(
             param = _retarget_clip(target.param, clip_shapes, shift)
             target = Target("clip", param, target.kind)
             shapes = clip_shapes
+            checked["clip"] += 1
         else:
+            checked["model"] += 1
             if model_shapes is None:
-                problems.append(f"'{key}' targets the diffusion model, which is not connected")
+                problems.append(("model", f"'{key}' targets the diffusion model, which is not connected"))
                 continue
             shapes = model_shapes
         shape = shapes.get(target.param)
@@ -81,15 +85,15 @@ def resolve(
                 shape = shapes[stem]
         if shape is None:
             where = "text encoder" if target.component == "clip" else "model"
-            problems.append(f"'{key}': the {where} has no parameter '{target.param}'")
+            problems.append((target.component, f"'{key}': the {where} has no parameter '{target.param}'"))
             continue
         problem = _shape_problem(key, target, tuple(tensor.shape), tuple(shape))
         if problem:
-            problems.append(problem)
+            problems.append((target.component, problem))
             continue
         getattr(resolved, target.component)[key] = target
     if problems:
-        raise ShiftMismatchError(_mismatch_message(shift, problems, model_architecture))
+        raise ShiftMismatchError(_mismatch_message(shift, problems, checked, model_architecture))
     return resolved
 
 
@@ -109,11 +113,16 @@ def _shape_problem(key: str, target: Target, tensor_shape: tuple[int, ...], para
     return None
 
 
-def _mismatch_message(shift: SpectralShift, problems: list[str], model_architecture: str | None) -> str:
+NAMES = {"model": "diffusion-model", "clip": "text-encoder"}
+
+
+def _mismatch_message(shift: SpectralShift, problems: list[tuple[str, str]], checked: Counter, model_architecture: str | None) -> str:
     head = f"spectral shift '{shift.name}' does not fit this model"
     arch = shift.architecture
     if model_architecture and arch not in ("unknown", model_architecture):
         head += f" (the shift was made for {arch}, the model is {model_architecture})"
-    listed = "; ".join(problems[:MAX_LISTED])
+    listed = "; ".join(text for _, text in problems[:MAX_LISTED])
     more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return f"{head}: {len(problems)} of {len(shift.tensors)} tensors do not fit: {listed}{more}. Use a shift made for this architecture, or drop those layers with SVDiffSelectLayers."
+    bad = Counter(component for component, _ in problems)
+    parts = ", ".join(f"{bad[c]} of {checked[c]} {NAMES[c]}" for c in ("model", "clip") if checked[c])
+    return f"{head}: {len(problems)} of {sum(checked.values())} tensors do not fit ({parts}): {listed}{more}. Use a shift made for this architecture, or drop those layers with SVDiffSelectLayers."

@@ -373,9 +373,8 @@ class InfoPanel {
     } else if (fit) {
       lines.push([fit.message, COLORS.warn]);
     }
-    const layers = [`${info.model_layers} model layers`];
-    if (info.text_encoder_layers) layers.push(`${info.text_encoder_layers} text-encoder layers`);
-    lines.push([`${info.architecture} · ${formatBytes(info.bytes)} · ${layers.join(" + ")} · ${info.values.toLocaleString()} values`, COLORS.text]);
+    // info.layers is the one wording of a shift's counts (SpectralShift.layer_summary), as Inspect shows it
+    lines.push([`${info.architecture} · ${formatBytes(info.bytes)} · ${info.layers} · ${info.values.toLocaleString()} values`, COLORS.text]);
     if (info.trigger_words.length) lines.push([`trigger: ${info.trigger_words.join(", ")}`, COLORS.text]);
     const trained = [];
     if (info.steps) trained.push(`${info.steps} steps`);
@@ -423,6 +422,34 @@ function nodeFromMessage(id) {
   return graph?.getNodeById(Number(id)) ?? graph?.getNodeById(id) ?? null;
 }
 
+// After a page reload, or when a workflow is opened again (from the queue, a tab, a file), a
+// training node's finished curve comes back from the newest /history entry in which this node
+// of this graph ran: ComfyUI keeps every node's output there, the losses included.
+const HISTORY_ITEMS = 200;
+
+async function restoreCurves(graph) {
+  const nodes = (graph?.nodes ?? graph?._nodes ?? []).filter((n) => n.svdiffChart && n.svdiffChart.state === "idle");
+  if (!nodes.length) return;
+  let history;
+  try {
+    const response = await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`);
+    if (!response.ok) return;
+    history = Object.values(await response.json());
+  } catch {
+    return; // no history (an old server, a network error): the curve appears on the next run
+  }
+  history.sort((a, b) => (b.prompt?.[0] ?? 0) - (a.prompt?.[0] ?? 0));
+  for (const node of nodes) {
+    const id = String(node.id);
+    const entry = history.find((item) => {
+      const ran = item.prompt?.[2]?.[id]?.class_type === node.type && Array.isArray(item.outputs?.[id]?.svdiff_loss);
+      const workflow = item.prompt?.[3]?.extra_pnginfo?.workflow?.id;
+      return ran && graph.id && workflow === graph.id;
+    });
+    if (entry && node.svdiffChart.state === "idle") node.svdiffChart.setAll(entry.outputs[id].svdiff_loss);
+  }
+}
+
 app.registerExtension({
   name: "svdiff.ui",
 
@@ -430,6 +457,11 @@ app.registerExtension({
     api.addEventListener(TRAIN_EVENT, ({ detail }) => {
       nodeFromMessage(detail.node)?.svdiffChart?.update(detail);
     });
+    await restoreCurves(app.graph); // the workflow restored when the page loaded
+  },
+
+  async afterConfigureGraph() {
+    await restoreCurves(app.graph);
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {

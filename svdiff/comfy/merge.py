@@ -24,7 +24,7 @@ import torch
 
 from .. import merge
 from ..cache import content_hash, default_cache
-from ..shift import SpectralShift
+from ..shift import SpectralShift, plural
 from ..spectral import spectral_update
 from ..targets import ShiftMismatchError, resolve
 from .folders import LORA_FOLDER, free_paths, save_shift
@@ -129,6 +129,9 @@ def text_features(clip, captions: list[str], starts: list[int | str]) -> list[to
     cond = cond.reshape(len(captions), length, cond.shape[-1]).to("cpu", torch.float64)
     return [cond[i, first:stop] for i, (first, stop) in enumerate(spans)]
 
+
+ENOUGH_CAPTIONS = 150
+"""From about this many captions on, "use more captions" is not the advice (the builtin list has about 200)."""
 
 _FEATURES: OrderedDict[str, torch.Tensor] = OrderedDict()
 _FEATURES_MAX = 8
@@ -291,9 +294,16 @@ def merge_concepts(model, clip, concepts: list[Concept], captions: list[str], pr
             f"{target_rows.shape[0]}), so no model matches every concept exactly; solved by least squares instead"
         )
     if system.regularization_rank < width:
-        report.notes.append(
-            f"the {len(captions)} regularisation captions span {system.regularization_rank} of {width} text-feature directions; "
+        missing = width - system.regularization_rank
+        advice = (
             "use more captions (about 200) to keep the base model's behaviour everywhere"
+            if len(captions) < ENOUGH_CAPTIONS
+            else f"the {plural(missing, 'direction')} they miss are kept near the base only by the merge's ridge term; "
+            "more varied captions would cover them"
+        )
+        report.notes.append(
+            f"the {plural(len(captions), 'regularisation caption')} span {system.regularization_rank} of {width} "
+            f"text-feature directions; {advice}"
         )
     patches: dict[str, torch.Tensor] = {}
     residuals, changes = [], []

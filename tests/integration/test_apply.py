@@ -223,3 +223,26 @@ def test_same_architecture_other_checkpoint_applies_with_a_note(build, caplog):
     assert first.base_mismatches == len(shift.tensors)
     assert "was made on a different checkpoint" in first.summary() and "was made on a different checkpoint" in second.summary()
     assert sum("different checkpoint" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+def test_every_count_of_a_shift_agrees(build, tmp_path):
+    """Inspect, the loader panel's summary and the apply report count one shift's tensors the same,
+    counted here from the file's keys by suffix and prefix (independent of the parser)."""
+    from comfyui_svdiff.svdiff import file_info
+    from comfyui_svdiff.svdiff.fileformat import write_shift
+    from comfyui_svdiff.svdiff.inspection import describe
+
+    model, clip = build("SD15")
+    shift = random_shift(model, clip)
+    keys = list(shift.tensors)
+    model_spectral = sum(1 for k in keys if k.endswith(".delta") and not k.startswith("text_encoders."))
+    clip_spectral = sum(1 for k in keys if k.endswith(".delta") and k.startswith("text_encoders."))
+    elementwise = sum(1 for k in keys if not k.endswith(".delta"))
+    assert model_spectral > 30 and clip_spectral > 10 and elementwise > 10
+    words = f"{model_spectral} diffusion-model + {clip_spectral} text-encoder spectral layers, {elementwise} elementwise deltas"
+    assert shift.layer_summary() == words
+    assert words in describe(shift)  # SVDiffInspect
+    path = write_shift(tmp_path / "counted.safetensors", shift)
+    assert file_info.summary(shift, path)["layers"] == words  # the loader panel
+    _, _, report = apply_shift(model, clip, shift, 1.0, 1.0)
+    assert (report.model_layers, report.clip_layers, report.elementwise) == (model_spectral, clip_spectral, elementwise)

@@ -171,6 +171,17 @@ def test_training_draws_a_live_loss_curve(open_page, comfy_server, server_object
     page.page.screenshot(path=str(ARTIFACTS / "training_done.png"))
     assert page.console_errors() == []
 
+    # After a page reload (nothing left in the page's memory) the workflow is opened again, as
+    # from the queue, a tab or its file: the curve comes back from /history.
+    page.reload()
+    page.load(workflow, replace_checkpoint=tiny_checkpoint)
+    page.page.wait_for_function(f"() => {CHART}.dataset.state === 'done'", timeout=60_000, polling=200)
+    restored = page.page.evaluate("() => (app.graph.nodes ?? app.graph._nodes).find((n) => n.type === 'SVDiffTrain').svdiffChart.losses")
+    assert restored == pytest.approx(reported, abs=1e-6)
+    page.center_on("SVDiffTrain")
+    page.screenshot(ARTIFACTS / "loss_curve_after_reload.png", "SVDiffTrain")
+    assert page.console_errors() == []
+
 
 def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_page, comfy_server, server_object_info,
                                                         comfy_handle, tiny_checkpoint):  # fmt: skip
@@ -192,6 +203,10 @@ def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_pag
     fits = choose(server_shifts["sd15"], "ok")
     assert (fits["architecture"], fits["fit"], fits["checkpointArchitecture"]) == ("SD15", "fits", "SD15"), fits
     assert f"fit {tiny_checkpoint}" in fits["text"]
+    from comfyui_svdiff.svdiff.fileformat import read_shift
+
+    folder = comfy_server.models("spectral_shifts")
+    assert read_shift(folder / server_shifts["sd15"]).layer_summary() in fits["text"]  # Inspect's words and numbers
     page.center_on("SVDiffLoader")
     page.screenshot(ARTIFACTS / "shift_info_fits.png", "SVDiffLoader")
 
@@ -201,6 +216,15 @@ def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_pag
     other = page.page.evaluate(f"() => ({{ ...{panel}.dataset, text: {panel}.innerText }})")
     assert (other["architecture"], other["fit"], other["checkpointArchitecture"]) == ("SDXL", "does_not_fit", "SD15"), other
     assert "made for SDXL, the model is SD15" in other["text"]
+    # The same count of diffusion-model tensors that do not fit as the loader's error when it runs.
+    from comfyui_svdiff.svdiff import file_info
+    from comfyui_svdiff.svdiff.targets import ShiftMismatchError, resolve
+
+    checkpoint = file_info.model_shapes(file_info.safetensors_shapes(comfy_server.models("checkpoints") / tiny_checkpoint)[1])
+    with pytest.raises(ShiftMismatchError) as refused:
+        resolve(read_shift(folder / server_shifts["sdxl"]), checkpoint, None, "SD15")
+    model_part = str(refused.value).split("do not fit (")[1].split(",")[0].split(")")[0]
+    assert model_part.endswith("diffusion-model") and f"({model_part})" in other["text"], (model_part, other["text"])
     page.center_on("SVDiffLoader")
     page.screenshot(ARTIFACTS / "shift_info_does_not_fit.png", "SVDiffLoader")
 

@@ -334,3 +334,17 @@ def test_merge_nodes_through_the_executor(comfy_handle, tiny_checkpoint, merge_s
     base = patched_state_dict(model)
     for key, delta in patches.items():
         assert torch.allclose(weights[key].float() - base[key].float(), delta, atol=2e-3 * float(delta.abs().max()) + 1e-6), key
+
+
+@pytest.mark.parametrize("count", [3, 160])
+def test_merge_report_advice_fits_the_caption_count(merge_setup, count):
+    """Captions that span too few text-feature directions (the same one repeated): with few of
+    them the report asks for more; with as many as the builtin list it says what the gap means."""
+    from comfyui_svdiff.svdiff.comfy import merge as comfy_merge
+
+    model, clip = merge_setup
+    _, _, report = comfy_merge.merge_concepts(model, clip, _concepts(model), ["a photo of a dog"] * count)
+    note = next(n for n in report.notes if "text-feature directions" in n)
+    assert f"the {count} regularisation captions span {report.regularization_rank} of {report.width}" in note
+    assert report.regularization_rank < report.width
+    assert ("use more captions" in note) == (count < comfy_merge.ENOUGH_CAPTIONS), note
