@@ -86,9 +86,25 @@ def build(spec: dict, info: dict) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "svdiff_title": spec["title"]},
+        "extra": {"ds": {"scale": SCALE, "offset": framed(positions)}, "svdiff_title": spec["title"]},
         "version": 0.4,
     }
+
+
+SCALE = 0.8
+FRAME_LEFT, FRAME_TOP = (
+    90,
+    110,
+)  # screen px kept free for the sidebar and the tab bar + graph toolbar (frontend 1.4x draws them over the canvas)
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title above its position
+
+
+def framed(positions: dict[int, list[int]]) -> list[float]:
+    """The canvas offset that opens the workflow with its first column right of the sidebar
+    and its top row below the menu bar (screen = (pos + offset) · scale)."""
+    left = min(x for x, _ in positions.values())
+    top = min(y for _, y in positions.values()) - TITLE_HEIGHT
+    return [round(FRAME_LEFT / SCALE - left, 1), round(FRAME_TOP / SCALE - top, 1)]
 
 
 # Extra height of what a node draws below its widgets (frontend 1.35.9): a multiline

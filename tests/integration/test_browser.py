@@ -119,6 +119,18 @@ def test_workflow_loads_like_a_dropped_file(open_page, comfy_server, server_obje
     )
     assert state["missing"] == [], state["missing"]
     assert state["cramped"] == [] and state["overlaps"] == [], (state["cramped"], state["overlaps"])
+    # Opened framed: the first column is right of the sidebar, the top row below the menu bar.
+    box = page.bounds()
+    chrome = page.page.evaluate(
+        """() => {
+            const side = document.querySelector('.side-tool-bar-container')?.getBoundingClientRect();
+            const canvas = app.canvas.canvas.getBoundingClientRect();
+            return { sideRight: side ? side.right : 0, canvasTop: canvas.top };
+        }"""
+    )
+    # (frontend 1.4x draws its tab bar and graph toolbar over the canvas's top 90 px)
+    top = chrome["canvasTop"] + (90 if chrome["canvasTop"] < 20 else 8)
+    assert box["x"] >= chrome["sideRight"] + 8 and box["y"] >= top, (box, chrome)
     # Saved back unchanged: the extension's panels add nothing to widgets_values.
     assert state["widgets"] == {str(n["id"]): n.get("widgets_values", []) for n in workflow["nodes"]}
     page.page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
