@@ -85,6 +85,7 @@ class LossChart {
   }
 
   reset(steps) {
+    this.phase = "";
     this.losses = [];
     this.firstStep = 1;
     this.steps = steps;
@@ -96,7 +97,14 @@ class LossChart {
   }
 
   update(message) {
-    if (message.event === "start") {
+    if (message.event === "phase") {
+      // Work before the first step (prior images, encoding, decompositions): say what and how far.
+      if (this.state === "idle" || this.state === "preparing" || this.state === "done") {
+        this.reset(message.steps);
+        this.state = "preparing";
+        this.phase = `${message.text} ${message.done}/${message.total}`;
+      }
+    } else if (message.event === "start") {
       this.reset(message.steps);
       this.firstStep = message.first_step;
       this.startStep = message.step;
@@ -133,11 +141,13 @@ class LossChart {
     // Machine-readable state for tests and for other extensions.
     this.element.dataset.points = String(this.losses.filter((v) => v !== null && v !== undefined).length);
     this.element.dataset.state = this.state;
+    this.element.dataset.phase = this.phase;
     this.element.dataset.step = String(this.step);
   }
 
   captionText() {
     const finite = this.losses.filter((v) => v !== null && v !== undefined && Number.isFinite(v));
+    if (!finite.length && this.state === "preparing") return this.phase;
     if (!finite.length) return this.compact ? "" : "loss curve: appears when training starts";
     const last = finite[finite.length - 1];
     const best = Math.min(...finite);

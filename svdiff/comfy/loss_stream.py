@@ -53,6 +53,14 @@ class LossStream:
         except Exception as exc:  # a closed socket must not stop training
             log.debug("SVDiff: loss message not sent: %s", exc)
 
+    def phase(self, text: str, done: int, total: int) -> None:
+        """What a run does before its first step (prior images, encoding, decompositions),
+        shown on the node's curve until training starts; at most ``1 / interval`` a second."""
+        now = time.monotonic()
+        if now - self.last_sent >= self.interval or done >= total:
+            self._send(event="phase", step=0, first_step=1, losses=[], text=text, done=done, total=total)
+            self.last_sent = now
+
     def start(self) -> None:
         self.pending = []
         self._send(event="start", step=0, first_step=1, losses=[])

@@ -152,16 +152,20 @@ def test_training_draws_a_live_loss_curve(open_page, comfy_server, server_object
         """async () => {
             const chart = (app.graph.nodes ?? app.graph._nodes).find((n) => n.type === "SVDiffTrain").svdiffChart.element;
             window.__svdiffSeen = [];
-            new MutationObserver(() => window.__svdiffSeen.push([chart.dataset.state, Number(chart.dataset.points)]))
+            new MutationObserver(() => window.__svdiffSeen.push([chart.dataset.state, Number(chart.dataset.points), chart.dataset.phase]))
                 .observe(chart, { attributes: true });
             await app.queuePrompt(0, 1);
         }"""
     )
     page.page.wait_for_function(f"() => {CHART}.dataset.state === 'done'", timeout=600_000, polling=200)
     seen = page.page.evaluate("() => window.__svdiffSeen")
-    live = [points for state, points in seen if state == "training" and 0 < points < TRAIN_STEPS]
+    live = [points for state, points, _ in seen if state == "training" and 0 < points < TRAIN_STEPS]
     assert live, f"the curve was not drawn while training: {seen}"
-    assert [p for s, p in seen if s == "training"] == sorted(p for s, p in seen if s == "training")
+    assert [p for s, p, _ in seen if s == "training"] == sorted(p for s, p, _ in seen if s == "training")
+    # Before the first step the node says what it is doing and how far it got.
+    phases = [phase for state, _, phase in seen if state == "preparing"]
+    assert any(p.startswith("encoding the images ") for p in phases), seen
+    assert any(p.startswith("decomposing the layers ") for p in phases), seen
 
     # The curve holds exactly the losses the node reports in /history once the prompt is done.
     deadline = time.monotonic() + 600

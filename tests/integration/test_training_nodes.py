@@ -48,8 +48,16 @@ def test_train_node_saves_resumes_and_reports(comfy_handle, tiny_checkpoint, ima
     assert saved.base_hashes and len(saved.base_hashes) == len(saved.tensors)
     # The live curve's messages carry every step's loss once, in order, for node "3";
     # the node's output keeps the whole curve for the browser after the run.
-    stream = [m.data for m in result.events("svdiff.train")]
-    assert [m["event"] for m in (stream[0], stream[-1])] == ["start", "done"] and {m["node"] for m in stream} == {"3"}
+    messages = [m.data for m in result.events("svdiff.train")]
+    assert {m["node"] for m in messages} == {"3"}
+    # First what the node does before training (each phase ends at done == total), then the steps.
+    first = next(i for i, m in enumerate(messages) if m["event"] != "phase")
+    phases, stream = messages[:first], messages[first:]
+    assert {m["text"] for m in phases} >= {"encoding the images", "generating prior images", "decomposing the layers"}, phases
+    for text in {m["text"] for m in phases}:
+        last = [m for m in phases if m["text"] == text][-1]
+        assert last["done"] == last["total"] > 0, last
+    assert [m["event"] for m in (stream[0], stream[-1])] == ["start", "done"] and "phase" not in {m["event"] for m in stream}
     streamed = [x for m in stream if m["event"] == "losses" for x in m["losses"]]
     assert streamed == pytest.approx(summary["losses"], abs=1e-6)
     assert result.output("3")["svdiff_loss"] == pytest.approx(summary["losses"], abs=1e-6)

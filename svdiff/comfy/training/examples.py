@@ -84,10 +84,17 @@ def encode(vae, image: torch.Tensor, caption: str, flip: bool = False, **extra) 
     return Example(latent, caption, vae.encode(torch.flip(pixels, dims=[2])) if flip else None, **extra)
 
 
-def dataset_examples(vae, dataset, flip: bool, targets: dict[str, AttentionTargets] | None = None) -> list[Example]:
-    """Each (repeated) image of a single-subject dataset, with its caption's attention targets."""
+def dataset_examples(vae, dataset, flip: bool, targets: dict[str, AttentionTargets] | None = None, progress=None) -> list[Example]:
+    """Each (repeated) image of a single-subject dataset, with its caption's attention targets;
+    ``progress(done, total)`` after each image encoded."""
     targets = targets or {}
-    return [encode(vae, item.image, item.caption, flip, attention=targets.get(item.caption)) for item in dataset.expanded()]
+    items = dataset.expanded()
+    examples = []
+    for item in items:
+        examples.append(encode(vae, item.image, item.caption, flip, attention=targets.get(item.caption)))
+        if progress is not None:
+            progress(len(examples), len(items))
+    return examples
 
 
 def subject_targets(clip, caption: str, token: str, class_word: str) -> AttentionTargets:
@@ -95,7 +102,7 @@ def subject_targets(clip, caption: str, token: str, class_word: str) -> Attentio
     return AttentionTargets(special=token_positions(clip, caption, token), class_positions=token_positions(clip, caption, class_word))
 
 
-def single_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool) -> list[Example]:
+def single_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool, progress=None) -> list[Example]:
     """The examples of a single-subject dataset, with eq. 10's targets when ``attention`` asks for them."""
     targets = {}
     if attention is not None:
@@ -109,16 +116,28 @@ def single_subject_examples(dataset, clip, vae, attention: AttentionConfig | Non
                 "set both, or set subject_weight to 0"
             )
         targets = {caption: subject_targets(clip, caption, dataset.trigger, attention.class_word) for caption in dataset.captions()}
-    return dataset_examples(vae, dataset, flip, targets)
+    return dataset_examples(vae, dataset, flip, targets, progress)
 
 
-def multi_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool, with_prior: bool):
+def multi_subject_examples(dataset, clip, vae, attention: AttentionConfig | None, flip: bool, with_prior: bool, progress=None):
     """``(instance, prior, plan)`` of a Cut-Mix-Unmix dataset (class images already attached).
 
     Instance rows: each subject's images (mirrored at random like single-subject data),
     then the collages (never mirrored: their captions say left and right). Prior rows:
     each subject's class images, then the prior collages.
     """
+    total = sum(len(s.images) for s in dataset.subjects) + len(dataset.collages)
+    if with_prior:
+        total += sum(len(s.class_images) for s in dataset.subjects) + len(dataset.prior_collages)
+    done = 0
+
+    def encoded(example: Example) -> Example:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return example
+
     unmix = attention is not None and attention.unmix_weight > 0
     subject_reg = attention is not None and attention.subject_weight > 0
     instance, single_rows, collage_rows = [], [], []
@@ -127,7 +146,7 @@ def multi_subject_examples(dataset, clip, vae, attention: AttentionConfig | None
         for image, caption in zip(subject.images, subject.captions, strict=True):
             targets = subject_targets(clip, caption, subject.token, subject.class_phrase) if subject_reg else None
             rows.append(len(instance))
-            instance.append(encode(vae, image, caption, flip, attention=targets))
+            instance.append(encoded(encode(vae, image, caption, flip, attention=targets)))
         single_rows.append(rows)
     grid = (dataset.resolution // 8, dataset.resolution // 8)
     for collage in dataset.collages:
@@ -139,27 +158,28 @@ def multi_subject_examples(dataset, clip, vae, attention: AttentionConfig | None
             ]
             targets = AttentionTargets(regions=regions)
         collage_rows.append(len(instance))
-        instance.append(encode(vae, collage.image, collage.caption, attention=targets))
+        instance.append(encoded(encode(vae, collage.image, collage.caption, attention=targets)))
     prior, prior_single, prior_collage = [], [], []
     if with_prior:
         for subject in dataset.subjects:
             rows = []
             for image, caption in zip(subject.class_images, subject.class_captions, strict=True):
                 rows.append(len(prior))
-                prior.append(encode(vae, image, caption))
+                prior.append(encoded(encode(vae, image, caption)))
             prior_single.append(rows)
         for collage in dataset.prior_collages:
             prior_collage.append(len(prior))
-            prior.append(encode(vae, collage.image, collage.caption))
+            prior.append(encoded(encode(vae, collage.image, collage.caption)))
     plan = multi_subject_plan(dataset.probability, single_rows, collage_rows, prior_single, prior_collage)
     return instance, prior, plan
 
 
-def augmented_examples(vae, dataset, variants: int, seed: int, flip: bool) -> list[Example]:
+def augmented_examples(vae, dataset, variants: int, seed: int, flip: bool, progress=None) -> list[Example]:
     """``variants`` draws of the Custom Diffusion policy per (repeated) image, each encoded once."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for item in dataset.expanded():
+    items = dataset.expanded()
+    for item in items:
         for _ in range(variants):
             image = item.image
             if flip and bool(torch.rand((), generator=generator) < 0.5):
@@ -167,4 +187,6 @@ def augmented_examples(vae, dataset, variants: int, seed: int, flip: bool) -> li
             aug = augment.draw(generator, dataset.resolution)
             pixels, mask = augment.apply(image, aug)
             rows.append(encode(vae, pixels, aug.prefix + item.caption, mask=mask))
+            if progress is not None:
+                progress(len(rows), len(items) * variants)
     return rows

@@ -64,22 +64,44 @@ def _report(result: TrainingResult, saved: str) -> str:
     )
 
 
-def _run(request: TrainRequest, node_id, label: str, observe=None) -> TrainingResult:
+class Phases:
+    """The work before the first step (prior images, VAE encoding, decompositions) on
+    ComfyUI's progress bar and on the node, where the loss curve will be; one stream of
+    ``svdiff.train`` messages for the whole node run."""
+
+    def __init__(self, node_id, steps: int):
+        self.node_id = node_id
+        self.stream = LossStream(node_id, steps)
+
+    def __call__(self, text: str):
+        """``progress(done, total)`` for one phase, e.g. ``phases("encoding the images")``."""
+        bar = NodeProgress(self.node_id)
+
+        def progress(done: int, total: int) -> None:
+            bar(done, total)
+            self.stream.phase(text, done, total)
+
+        return progress
+
+
+def _run(request: TrainRequest, phases: Phases, label: str, observe=None) -> TrainingResult:
     """:func:`train` with a progress bar, the loss stream and a log line every 5 %.
 
     ``observe(step, loss, context, losses)`` may return a preview image for the bar;
     ``losses`` are this run's so far.
     """
     steps = request.config.steps
-    bar = NodeProgress(node_id, steps)
-    stream = LossStream(node_id, steps)
-    stream.start()
+    request.progress = phases("decomposing the layers")
+    bar = NodeProgress(phases.node_id, steps)
+    stream = phases.stream  # "start" goes with the first step: until then the node shows the phases
     losses: list[float] = []
     started = time.perf_counter()
     step_seen = 0
 
     def on_step(step: int, loss: float, context: StepContext) -> None:
         nonlocal step_seen
+        if not losses:
+            stream.start()
         losses.append(loss)
         stream.add(step, loss)
         step_seen = step
@@ -90,7 +112,6 @@ def _run(request: TrainRequest, node_id, label: str, observe=None) -> TrainingRe
             log.info("SVDiff %s step %d/%d loss %.5f (%.1f s)", label, step, steps, loss, time.perf_counter() - started)
 
     request.on_step = on_step
-    request.progress = NodeProgress(node_id)
     try:
         result = train(request)
     finally:  # train() itself restores the shared model, whatever happened
@@ -165,18 +186,23 @@ def train_shift(
     """SVDiffTrain: train, save to models/spectral_shifts, return the patched model."""
     free_paths(filename_prefix, [SHIFT_FOLDER], False, "spectral-shift file")  # refuse a bad prefix before hours of training
     resume, state = _resume(resume_from, model, clip)
+    phases = Phases(node_id, config.steps)
     plan = None
     if isinstance(dataset, MultiSubjectDataset):
         if config.prior_weight > 0:
-            dataset = attach_class_images(dataset, model, clip, vae, num_class_images, config.seed, node_id)
-        instance, prior, plan = multi_subject_examples(dataset, clip, vae, attention, config.flip, config.prior_weight > 0)
+            dataset = attach_class_images(dataset, model, clip, vae, num_class_images, config.seed, phases("generating prior images"))
+        instance, prior, plan = multi_subject_examples(
+            dataset, clip, vae, attention, config.flip, config.prior_weight > 0, phases("encoding the images")
+        )
     else:
-        instance = single_subject_examples(dataset, clip, vae, attention, config.flip)
+        instance = single_subject_examples(dataset, clip, vae, attention, config.flip, phases("encoding the images"))
         prior = []
         if config.prior_weight > 0:
+            generated = num_class_images > 0 and class_dataset is None and class_images is None
             prior = prior_examples(
-                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, config.seed, node_id
-            )
+                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, config.seed,
+                phases("generating prior images" if generated else "encoding the prior images"),
+            )  # fmt: skip
     request = TrainRequest(
         model, config, instance, prior, clip=clip, attention=attention, plan=plan, resume=resume, resume_state=state,
         architecture=type(model.model.model_config).__name__, gradient_checkpointing=gradient_checkpointing,
@@ -207,7 +233,7 @@ def train_shift(
 
     log.info("SVDiff: training %s", describe_layers(model, config))
     try:
-        result = _run(request, node_id, "train", observe)
+        result = _run(request, phases, "train", observe)
     except comfy.model_management.InterruptProcessingException:
         if save_on_cancel and "context" in latest:
             context = latest["context"]
@@ -248,21 +274,23 @@ def train_custom_diffusion(
             f"no caption of the dataset contains the modifier token '{token}'; write it into the captions "
             f"(e.g. 'photo of a {token} cat'), or clear modifier_token"
         )
+    phases = Phases(node_id, config.steps)
     if augmenting:
-        instance = augmented_examples(vae, dataset, augment_variants, config.seed, config.flip)
+        instance = augmented_examples(vae, dataset, augment_variants, config.seed, config.flip, phases("encoding augmented images"))
     else:
-        instance = dataset_examples(vae, dataset, config.flip)
+        instance = dataset_examples(vae, dataset, config.flip, progress=phases("encoding the images"))
     prior = []
     if config.prior_weight > 0:
         prior = prior_examples(
-            model, clip, vae, regularization, class_images, class_prompt, num_class_images, dataset.resolution, config.seed, node_id
-        )
+            model, clip, vae, regularization, class_images, class_prompt, num_class_images, dataset.resolution, config.seed,
+            phases("preparing the regularisation images"),
+        )  # fmt: skip
     architecture = type(model.model.model_config).__name__
     metadata = {"svdiff.method": "custom-diffusion" if config.method == "full" else "svdiff", "svdiff.deltas": deltas}
     if token:
         metadata |= {"svdiff.modifier_token": token, "svdiff.initializer_token": config.initializer_token}
     request = TrainRequest(model, config, instance, prior, clip=clip, architecture=architecture, metadata=metadata)
-    result = _run(request, node_id, "Custom Diffusion")
+    result = _run(request, phases, "Custom Diffusion")
 
     paths = free_paths(filename_prefix, folders, overwrite)
     summary = learning_summary(config, result.steps, result.losses, {"captions": request.captions[:50], "images": len(instance)})

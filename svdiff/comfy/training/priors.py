@@ -29,8 +29,10 @@ def model_fingerprint(model) -> str:
     return hashlib.sha256("".join(content_hash(state[k]) for k in picked).encode()).hexdigest()[:16]
 
 
-def generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: int, node_id=None) -> list[torch.Tensor]:
-    """Class images from the base model (DreamBooth practice), cached on disk as latents."""
+def generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: int, progress=None) -> list[torch.Tensor]:
+    """Class images from the base model (DreamBooth practice), cached on disk as latents.
+
+    ``progress(done, total)`` after each image (default: the node's progress bar)."""
     settings = [model_fingerprint(model), prompt, count, resolution, seed, PRIOR_STEPS, PRIOR_CFG]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
     path = default_cache().directory / "priors" / f"{key}.safetensors"
@@ -43,7 +45,7 @@ def generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: 
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     channels = model.get_model_object("latent_format").latent_channels
     latents = []
-    progress = NodeProgress(node_id, count)
+    progress = progress or NodeProgress(None, count)
     for i in range(count):
         empty = torch.zeros(1, channels, resolution // 8, resolution // 8)
         noise = comfy.sample.prepare_noise(empty, seed + i)
@@ -56,26 +58,26 @@ def generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: 
     return latents
 
 
-def prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, node_id=None):
+def prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, progress=None):
     """The prior examples from the first source given: a dataset, IMAGEs with ``class_prompt``, or generated ones."""
     prompt = class_prompt.strip()
     if class_dataset is not None:
-        return dataset_examples(vae, class_dataset, flip=False)
+        return dataset_examples(vae, class_dataset, flip=False, progress=progress)
     if class_images is not None:
         if not prompt:
             raise ValueError("class_images is connected but class_prompt is empty; write the class of the subject, e.g. 'photo of a dog'")
-        return dataset_examples(vae, training_data.from_images(class_images, [prompt], resolution), flip=False)
+        return dataset_examples(vae, training_data.from_images(class_images, [prompt], resolution), flip=False, progress=progress)
     if num_class_images > 0:
         if not prompt:
             raise ValueError("class_prompt is empty; write the class of your subject (e.g. 'photo of a dog') or set prior_weight to 0")
-        return [Example(lat, prompt) for lat in generate_prior(model, clip, prompt, num_class_images, resolution, seed, node_id)]
+        return [Example(lat, prompt) for lat in generate_prior(model, clip, prompt, num_class_images, resolution, seed, progress)]
     raise ValueError(
         "prior_weight is above 0 but there is no prior data: connect class_images or class_dataset, "
         "or set class_prompt and num_class_images to generate them, or set prior_weight to 0"
     )
 
 
-def attach_class_images(dataset, model, clip, vae, num_class_images: int, seed: int, node_id=None):
+def attach_class_images(dataset, model, clip, vae, num_class_images: int, seed: int, progress=None):
     """A Cut-Mix-Unmix dataset with generated class images for subjects that have none."""
     if dataset.has_class_images():
         return dataset
@@ -87,7 +89,7 @@ def attach_class_images(dataset, model, clip, vae, num_class_images: int, seed: 
     images, captions = [], []
     for subject in dataset.subjects:
         prompt = f"photo of a {subject.class_phrase}"
-        latents = generate_prior(model, clip, prompt, num_class_images, dataset.resolution, seed, node_id)
+        latents = generate_prior(model, clip, prompt, num_class_images, dataset.resolution, seed, progress)
         with torch.inference_mode():
             images.append([vae.decode(lat)[0, ..., :3].float().cpu() for lat in latents])
         captions.append([prompt] * num_class_images)
