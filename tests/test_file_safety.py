@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_svdiff.svdiff import fileformat
-from comfyui_svdiff.svdiff.fileformat import SaveError, read_shift, write_shift
+from comfyui_svdiff.svdiff import atomic
+from comfyui_svdiff.svdiff.atomic import SaveError
+from comfyui_svdiff.svdiff.fileformat import read_shift, write_shift
 from comfyui_svdiff.svdiff.shift import SpectralShift
 
 KILLS = 16
@@ -73,7 +74,7 @@ def same(a: SpectralShift, b: SpectralShift) -> bool:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return sorted(folder.glob(".*" + fileformat.TEMP_SUFFIX))
+    return sorted(folder.glob(".*" + atomic.TEMP_SUFFIX))
 
 
 def _wait_gone(pid: int, timeout: float = 30.0) -> None:
@@ -124,7 +125,7 @@ def test_a_writer_killed_mid_save_leaves_old_or_new_files_never_corrupt_ones(tmp
 
             # The next save into the folder removes the dead writer's temporary (once it is stale).
             for temp in leftovers:
-                old = time.time() - fileformat.STALE_TEMP_SECONDS - 5
+                old = time.time() - atomic.STALE_TEMP_SECONDS - 5
                 os.utime(temp, (old, old))
             write_shift(folder / "after.safetensors", shifts[0], precision="fp32")
             assert temporaries(folder) == []
@@ -143,9 +144,9 @@ def test_a_live_writers_temporary_is_never_swept(tmp_path):
     fresh_dead.write_bytes(b"maybe another namespace")
     old = time.time() - 3600
     os.utime(live, (old, old))
-    assert fileformat.sweep_stale_temporaries(tmp_path) == []
+    assert atomic.sweep_stale_temporaries(tmp_path) == []
     os.utime(fresh_dead, (old, old))
-    assert fileformat.sweep_stale_temporaries(tmp_path) == [fresh_dead]
+    assert atomic.sweep_stale_temporaries(tmp_path) == [fresh_dead]
     assert live.exists() and not fresh_dead.exists()
 
 
@@ -181,7 +182,8 @@ sys.path.insert(0, {root!r})  # the repository root, for devtools/
 from devtools.extension import import_extension
 import_extension()
 import torch
-from comfyui_svdiff.svdiff.fileformat import SaveError, write_shift
+from comfyui_svdiff.svdiff.atomic import SaveError
+from comfyui_svdiff.svdiff.fileformat import write_shift
 from comfyui_svdiff.svdiff.shift import SpectralShift
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
@@ -230,7 +232,7 @@ def test_saved_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask):
             f.write(b"x")
         shift = SpectralShift({"diffusion_model.a.delta": torch.zeros(3)}, {}, name="m")
         saved = write_shift(tmp_path / "saved.safetensors", shift)
-        state = fileformat.atomic_save(tmp_path / "saved.svdiffstate", {"a": torch.ones(2)}, {}, overwrite=True)
+        state = atomic.atomic_save(tmp_path / "saved.svdiffstate", {"a": torch.ones(2)}, {}, overwrite=True)
     finally:
         os.umask(previous)
     expected = stat.S_IMODE(reference.stat().st_mode)

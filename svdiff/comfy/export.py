@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileformat import atomic_save
+from ..atomic import atomic_save
 from ..lora import ExportReport, layer_factors
 from ..shift import CLIP_PREFIX, SpectralShift
 from ..spectral import spectral_update

@@ -170,7 +170,7 @@ def regularization_features(clip, captions: list[str]) -> torch.Tensor:
     if features is None:
         features = torch.cat(text_features(clip, captions, [1] * len(captions)))  # row 0 is the start token
         try:
-            from ..fileformat import atomic_save
+            from ..atomic import atomic_save
 
             atomic_save(path, {"features": features.float().contiguous()}, {"captions": str(len(captions))}, overwrite=True)
             features = features.float().to(torch.float64)  # what a later cache hit returns, bit for bit

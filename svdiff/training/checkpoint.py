@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..fileformat import atomic_save
+from ..atomic import atomic_save
 from ..shift import SpectralShift
 
 log = logging.getLogger("svdiff")

@@ -227,7 +227,7 @@ def test_text_encoder_training(build, arch):
 
 def test_a_state_of_another_step_is_not_used(comfy_handle, tmp_path, caplog):
     """A .svdiffstate written for step 2 beside a file at step 3 (e.g. copied by hand) is ignored, with a message."""
-    from comfyui_svdiff.svdiff import fileformat
+    from comfyui_svdiff.svdiff import atomic
     from comfyui_svdiff.svdiff.shift import SpectralShift
     from comfyui_svdiff.svdiff.training.checkpoint import read_state
 
@@ -235,7 +235,7 @@ def test_a_state_of_another_step_is_not_used(comfy_handle, tmp_path, caplog):
     path = write_shift(tmp_path / "x.safetensors", shift)
     state = {"diffusion_model.a.weight.value": torch.ones(3)}
     for steps, used in (("3", True), ("2", False)):
-        fileformat.atomic_save(path.with_suffix(".svdiffstate"), state, {"svdiff.steps": steps}, overwrite=True)
+        atomic.atomic_save(path.with_suffix(".svdiffstate"), state, {"svdiff.steps": steps}, overwrite=True)
         with caplog.at_level("WARNING", logger="svdiff"):
             loaded = read_state(path, read_shift(path))
         assert (loaded is not None) == used

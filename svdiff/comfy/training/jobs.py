@@ -17,7 +17,8 @@ import comfy.model_management
 import torch
 from PIL import Image
 
-from ...fileformat import atomic_save, read_shift
+from ...atomic import atomic_save
+from ...fileformat import read_shift
 from ...inspection import line_chart, to_image_tensor
 from ...shift import SpectralShift
 from ...spectral import spectrum_length

@@ -10,8 +10,8 @@ import comfy.sample
 import torch
 from safetensors.torch import load_file
 
+from ...atomic import atomic_save
 from ...cache import content_hash, default_cache
-from ...fileformat import atomic_save
 from ...training import data as training_data
 from ..progress import NodeProgress
 from .examples import Example, dataset_examples
