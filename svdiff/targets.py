@@ -124,5 +124,10 @@ def _mismatch_message(shift: SpectralShift, problems: list[tuple[str, str]], che
     listed = "; ".join(text for _, text in problems[:MAX_LISTED])
     more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     bad = Counter(component for component, _ in problems)
-    parts = ", ".join(f"{bad[c]} of {checked[c]} {NAMES[c]}" for c in ("model", "clip") if checked[c])
-    return f"{head}: {len(problems)} of {sum(checked.values())} tensors do not fit ({parts}): {listed}{more}. Use a shift made for this architecture, or drop those layers with SVDiffSelectLayers."
+    components = [c for c in ("model", "clip") if checked[c]]
+    if len(components) == 1:
+        count = f"{len(problems)} of {checked[components[0]]} {NAMES[components[0]]} tensors do not fit"
+    else:
+        parts = ", ".join(f"{bad[c]} of {checked[c]} {NAMES[c]}" for c in components)
+        count = f"{len(problems)} of {sum(checked.values())} tensors do not fit ({parts})"
+    return f"{head}: {count}: {listed}{more}. Use a shift made for this architecture, or drop those layers with SVDiffSelectLayers."

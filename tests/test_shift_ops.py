@@ -101,7 +101,7 @@ def test_resolve_refuses_with_a_list_of_what_does_not_fit():
         resolve(s, model, None, model_architecture="SD15")
     message = str(info.value)
     assert "made for SDXL, the model is SD15" in message
-    assert "3 of 3 tensors do not fit" in message
+    assert "3 of 3 diffusion-model tensors do not fit" in message
     assert "has 40 singular-value shifts but" in message and "has only 16 singular values" in message
     assert "the model has no parameter 'diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.weight'" in message
     assert "has shape [3] but" in message

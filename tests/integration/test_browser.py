@@ -232,15 +232,22 @@ def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_pag
     other = page.page.evaluate(f"() => ({{ ...{panel}.dataset, text: {panel}.innerText }})")
     assert (other["architecture"], other["fit"], other["checkpointArchitecture"]) == ("SDXL", "does_not_fit", "SD15"), other
     assert "made for SDXL, the model is SD15" in other["text"]
-    # The same count of diffusion-model tensors that do not fit as the loader's error when it runs.
-    from comfyui_svdiff.svdiff import file_info
-    from comfyui_svdiff.svdiff.targets import ShiftMismatchError, resolve
+    # The same count of diffusion-model tensors that do not fit as the loader's error when it runs
+    # (the run checks the CLIP too and names both parts).
+    import re
 
-    checkpoint = file_info.model_shapes(file_info.safetensors_shapes(comfy_server.models("checkpoints") / tiny_checkpoint)[1])
+    import comfy.sd
+
+    from comfyui_svdiff.svdiff.comfy.patching import check_fits
+    from comfyui_svdiff.svdiff.targets import ShiftMismatchError
+
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(comfy_server.models("checkpoints") / tiny_checkpoint), output_vae=False, output_clipvision=False
+    )
     with pytest.raises(ShiftMismatchError) as refused:
-        resolve(read_shift(folder / server_shifts["sdxl"]), checkpoint, None, "SD15")
-    model_part = str(refused.value).split("do not fit (")[1].split(",")[0].split(")")[0]
-    assert model_part.endswith("diffusion-model") and f"({model_part})" in other["text"], (model_part, other["text"])
+        check_fits(model, clip, read_shift(folder / server_shifts["sdxl"]))
+    bad, total = re.search(r"\((\d+) of (\d+) diffusion-model, \d+ of \d+ text-encoder\)", str(refused.value)).groups()
+    assert f"{bad} of {total} diffusion-model tensors do not fit" in other["text"], (str(refused.value)[:300], other["text"])
     page.center_on("SVDiffLoader")
     page.screenshot(ARTIFACTS / "shift_info_does_not_fit.png", "SVDiffLoader")
 
