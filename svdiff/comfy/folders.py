@@ -75,33 +75,37 @@ def file_fingerprint(folder: str, name: str) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _relative_parts(text: str) -> list[str] | None:
+    """The components of a name relative to a folder, or None when it could leave it or
+    is no name at all: empty, absolute (``/``, ``~``, a drive letter), ``..``, a NUL."""
+    cleaned = text.strip().replace("\\", "/")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if not parts or cleaned.startswith(("/", "~")) or ":" in cleaned or ".." in parts or "\x00" in cleaned:
+        return None
+    return parts
+
+
+def _stays_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` is still inside ``root`` once symlinks are followed."""
+    root_real = os.path.realpath(root)
+    return os.path.commonpath([root_real, os.path.realpath(path)]) == root_real
+
+
 def safe_output_path(folder: str, prefix: str, what: str, input_name: str = "filename_prefix") -> Path:
     """``<first folder of ``folder``>/<prefix>.safetensors``, confined to that folder.
 
-    Refuses absolute paths, ``..`` components and symlinks that lead outside, so a
-    workflow can never write anywhere but the model folder.
+    Refuses absolute paths, ``..`` components, hidden names and symlinks that lead
+    outside, so a workflow can never write anywhere but the model folder.
     """
     root = Path(folder_paths.get_folder_paths(folder)[0])
-    cleaned = prefix.strip().replace("\\", "/")
-    if cleaned.endswith(".safetensors"):
-        cleaned = cleaned[: -len(".safetensors")]
-    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
-    if (
-        not parts
-        or cleaned.startswith("/")
-        or ".." in parts
-        or ":" in cleaned
-        or "\x00" in cleaned
-        or any(p.startswith(".") for p in parts)
-    ):
+    parts = _relative_parts(prefix.strip().removesuffix(".safetensors"))
+    if parts is None or any(p.startswith(".") for p in parts):
         raise ValueError(
             f"{input_name} '{prefix}' is not a valid name for a {what}: use a relative name such as "
             f"'my_concept' or 'subjects/my_concept' (no '..', no absolute path, no hidden names)"
         )
     candidate = root.joinpath(*parts[:-1], parts[-1] + ".safetensors")
-    root_real = os.path.realpath(root)
-    parent_real = os.path.realpath(candidate.parent)
-    if os.path.commonpath([root_real, parent_real]) != root_real:
+    if not _stays_inside(root, candidate.parent):
         raise ValueError(f"{input_name} '{prefix}' leads outside {root} (through a symlink); choose another name")
     return candidate
 
@@ -134,20 +138,18 @@ def input_folder(text: str, input_name: str = "folder") -> Path:
     let a client read images from anywhere on the host.
     """
     root = Path(folder_paths.get_input_directory())
-    cleaned = text.strip().replace("\\", "/")
-    if not cleaned:
+    if not text.strip():
         raise ValueError(
             f"{input_name} is empty; put the training images in a folder inside {root} and write its name, e.g. 'svdiff/sks_dog'"
         )
-    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
-    if cleaned.startswith(("/", "~")) or ":" in cleaned or ".." in parts or "\x00" in cleaned or not parts:
+    parts = _relative_parts(text)
+    if parts is None:
         raise ValueError(
             f"{input_name} '{text}' is not a folder inside ComfyUI's input folder: put the images in a folder there "
             f"({root}/<name>) and write its name, e.g. 'svdiff/sks_dog'"
         )
     candidate = root.joinpath(*parts)
-    root_real = os.path.realpath(root)
-    if os.path.commonpath([root_real, os.path.realpath(candidate)]) != root_real:
+    if not _stays_inside(root, candidate):
         raise ValueError(f"{input_name} '{text}' leads outside ComfyUI's input folder (through a symlink); copy the images into {root}")
     return candidate
 
