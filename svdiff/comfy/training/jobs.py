@@ -199,11 +199,9 @@ def train_shift(
         instance = single_subject_examples(dataset, clip, vae, attention, config.flip, phases("encoding the images"))
         prior = []
         if config.prior_weight > 0:
-            generated = num_class_images > 0 and class_dataset is None and class_images is None
             prior = prior_examples(
-                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, config.seed,
-                phases("generating prior images" if generated else "encoding the prior images"),
-            )  # fmt: skip
+                model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, dataset.resolution, config.seed, phases
+            )
     request = TrainRequest(
         model, config, instance, prior, clip=clip, attention=attention, plan=plan, resume=resume, resume_state=state,
         architecture=type(model.model.model_config).__name__, gradient_checkpointing=gradient_checkpointing,
@@ -283,9 +281,8 @@ def train_custom_diffusion(
     prior = []
     if config.prior_weight > 0:
         prior = prior_examples(
-            model, clip, vae, regularization, class_images, class_prompt, num_class_images, dataset.resolution, config.seed,
-            phases("preparing the regularisation images"),
-        )  # fmt: skip
+            model, clip, vae, regularization, class_images, class_prompt, num_class_images, dataset.resolution, config.seed, phases
+        )
     architecture = type(model.model.model_config).__name__
     metadata = {"svdiff.method": "custom-diffusion" if config.method == "full" else "svdiff", "svdiff.deltas": deltas}
     if token:

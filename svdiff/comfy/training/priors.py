@@ -58,19 +58,24 @@ def generate_prior(model, clip, prompt: str, count: int, resolution: int, seed: 
     return latents
 
 
-def prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, progress=None):
-    """The prior examples from the first source given: a dataset, IMAGEs with ``class_prompt``, or generated ones."""
+def prior_examples(model, clip, vae, class_dataset, class_images, class_prompt, num_class_images, resolution, seed, phases=None):
+    """The prior examples from the first source given: a dataset, IMAGEs with ``class_prompt``, or generated ones.
+
+    ``phases(text)`` gives the ``progress(done, total)`` of the work, named by what it is."""
+    phases = phases or (lambda text: None)
     prompt = class_prompt.strip()
     if class_dataset is not None:
-        return dataset_examples(vae, class_dataset, flip=False, progress=progress)
+        return dataset_examples(vae, class_dataset, flip=False, progress=phases("encoding the prior images"))
     if class_images is not None:
         if not prompt:
             raise ValueError("class_images is connected but class_prompt is empty; write the class of the subject, e.g. 'photo of a dog'")
-        return dataset_examples(vae, training_data.from_images(class_images, [prompt], resolution), flip=False, progress=progress)
+        dataset = training_data.from_images(class_images, [prompt], resolution)
+        return dataset_examples(vae, dataset, flip=False, progress=phases("encoding the prior images"))
     if num_class_images > 0:
         if not prompt:
             raise ValueError("class_prompt is empty; write the class of your subject (e.g. 'photo of a dog') or set prior_weight to 0")
-        return [Example(lat, prompt) for lat in generate_prior(model, clip, prompt, num_class_images, resolution, seed, progress)]
+        latents = generate_prior(model, clip, prompt, num_class_images, resolution, seed, phases("generating prior images"))
+        return [Example(lat, prompt) for lat in latents]
     raise ValueError(
         "prior_weight is above 0 but there is no prior data: connect class_images or class_dataset, "
         "or set class_prompt and num_class_images to generate them, or set prior_weight to 0"
