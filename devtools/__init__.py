@@ -1,4 +1,9 @@
-"""Developer tooling shared by tests/, scripts/ and benchmarks/; never imported by the extension at run time.
+"""Developer tooling shared by tests/, scripts/ and benchmarks/.
+
+The extension imports one part at run time: ``tiny_models``, whose checkpoint builder the
+Install Demo Files node uses (``svdiff/comfy/demo.py``) to write the demo checkpoint;
+it uses relative imports only, so it works both as ``devtools.tiny_models`` and inside
+the extension's package.
 
 Modules, one job each:
 

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL_NAME = "ComfyUI-SVDiff"
+INSTALL_NAME = "comfyui-svdiff"
 
 
 class ServerError(RuntimeError):

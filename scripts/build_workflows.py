@@ -20,18 +20,60 @@ sys.path.insert(0, str(ROOT))  # the repository root, for devtools/ (test toolin
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from headless import start_comfy  # noqa: E402
-from workflow_specs import WORKFLOWS  # noqa: E402
+from workflow_specs import CHECKPOINT, WORKFLOWS  # noqa: E402
+
+NOTE = "Note"  # the frontend's own note node: text only, never sent to the server
+NOTE_WIDTH = 420
+NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}  # the frontend's yellow
 
 
-def build(spec: dict, info: dict) -> dict:
+def note_text(spec: dict, info: dict) -> str:
+    """What the workflow does, that it runs as shipped on a CPU, and what to raise on a GPU."""
+    by_id = {n["id"]: n for n in spec["nodes"]}
+    lines = [spec["about"]]
+    if any(n["type"] == "CheckpointLoaderSimple" for n in spec["nodes"]):
+        lines += [
+            "",
+            f"As shipped it runs in minutes on a CPU with the demo checkpoint ({CHECKPOINT}: random weights, its pictures "
+            "are noise). Put the demo files in place once: template 'SVDiff - Start here', or python scripts/install_demo.py.",
+        ]
+    if spec["gpu"]:
+        lines += ["", "For a real model on a GPU: choose your checkpoint in Load Checkpoint, then set"]
+        for nid, widget, value in spec["gpu"]:
+            n = by_id[nid]
+            lines.append(f"- {node_title(n, info)} > {widget}: {n['widgets'][widget]} -> {value}")
+        if any(widget in ("width", "height", "resolution") for _, widget, _ in spec["gpu"]):
+            lines.append("(SD1.x/SD2.x: 512 px as above; SDXL: 1024 px.)")
+    return "\n".join(lines)
+
+
+def node_title(n: dict, info: dict) -> str:
+    """The title the frontend draws: the spec's, else the node's display name, else its type."""
+    return n["title"] or info[n["type"]].get("display_name") or n["type"]
+
+
+def note_node(nid: int, text: str) -> dict:
+    """The note as the spec's first node: column 0, above the rest."""
+    return {"id": nid, "type": NOTE, "pos": [20, -1000], "widgets": {}, "links": {}, "title": "About this workflow", "text": text}
+
+
+def _wrapped_lines(text: str, width_chars: int = 58) -> int:
+    return sum(max(1, -(-len(line) // width_chars)) for line in text.split("\n"))
+
+
+def build(workflow_id: str, spec: dict, info: dict) -> dict:
     from devtools.workflow_widgets import widget_slots
 
+    spec = {**spec, "nodes": [note_node(max(n["id"] for n in spec["nodes"]) + 1, note_text(spec, info)), *spec["nodes"]]}
     nodes, links = [], []
     by_id = {n["id"]: n for n in spec["nodes"]}
     outputs: dict[tuple[int, int], list[int]] = {}
     link_id = 0
     pending = []
     for n in spec["nodes"]:
+        if n["type"] == NOTE:
+            pending.append((n, None, [], [n["text"]]))
+            continue
         definition = info[n["type"]]
         inputs = []
         for slot, (name, (source, source_slot)) in enumerate(n["links"].items()):
@@ -57,6 +99,11 @@ def build(spec: dict, info: dict) -> dict:
         pending.append((n, definition, inputs, values))
     positions, sizes = layout(spec, info)
     for order, (n, definition, inputs, values) in enumerate(pending):
+        if definition is None:  # the note
+            entry = {"id": n["id"], "type": NOTE, "pos": positions[n["id"]], "size": sizes[n["id"]], "flags": {}, "order": order}
+            entry.update(mode=0, inputs=[], outputs=[], properties={"text": ""}, widgets_values=values, title=n["title"], **NOTE_COLOR)
+            nodes.append(entry)
+            continue
         outs = [
             {"name": definition["output_name"][i], "type": t, "links": outputs.get((n["id"], i), []), "slot_index": i}
             for i, t in enumerate(definition["output"])
@@ -86,7 +133,7 @@ def build(spec: dict, info: dict) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": SCALE, "offset": framed(positions)}, "svdiff_title": spec["title"]},
+        "extra": {"ds": {"scale": SCALE, "offset": framed(positions)}, "svdiff_id": workflow_id, "svdiff_title": spec["title"]},
         "version": 0.4,
     }
 
@@ -139,6 +186,10 @@ def node_size(n: dict, definition: dict) -> list[int]:
     return [NODE_WIDTH.get(n["type"], 400 if wide else 340), height]
 
 
+def note_size(n: dict) -> list[int]:
+    return [NOTE_WIDTH, 50 + 14 * _wrapped_lines(n["text"])]  # the frontend's note text: ~60 characters a line at this width
+
+
 def layout(spec: dict, info: dict) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """Columns by distance from the sources, nodes stacked in each column in the order
     their spec positions give (top to bottom), so nothing overlaps whatever the sizes."""
@@ -151,7 +202,7 @@ def layout(spec: dict, info: dict) -> tuple[dict[int, list[int]], dict[int, list
             depth[nid] = 1 + max(map(depth_of, sources)) if sources else 0
         return depth[nid]
 
-    sizes = {n["id"]: node_size(n, info[n["type"]]) for n in spec["nodes"]}
+    sizes = {n["id"]: note_size(n) if n["type"] == NOTE else node_size(n, info[n["type"]]) for n in spec["nodes"]}
     columns: dict[int, list[dict]] = {}
     for n in spec["nodes"]:
         columns.setdefault(depth_of(n["id"]), []).append(n)
@@ -173,14 +224,41 @@ def _input_type(definition: dict, name: str) -> str:
     raise SystemExit(f"{definition['name']} has no input '{name}'")
 
 
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- gpu-settings:start (scripts/build_workflows.py) -->", "<!-- gpu-settings:end -->"
+
+
+def gpu_table(info: dict) -> str:
+    """The README's table of the settings each workflow's note says to raise on a GPU."""
+    rows = ["| Workflow | Node > input | As shipped (CPU, demo checkpoint) | Real model on a GPU |", "|---|---|---|---|"]
+    for spec in WORKFLOWS.values():
+        by_id = {n["id"]: n for n in spec["nodes"]}
+        for nid, widget, value in spec["gpu"]:
+            n = by_id[nid]
+            rows.append(f"| {spec['template']} | {node_title(n, info)} > {widget} | {n['widgets'][widget]} | {value} |")
+    return "\n".join(rows)
+
+
+def update_readme(info: dict) -> None:
+    text = README.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    README.write_text(text[:start] + "\n" + gpu_table(info) + "\n" + text[end:])
+
+
 def main() -> None:
     handle = start_comfy()
     info = handle.object_info()
     out = ROOT / "workflows"
-    for name, spec in WORKFLOWS.items():
-        path = out / f"{name}.json"
-        path.write_text(json.dumps(build(spec, info), indent=1) + "\n")
+    shipped = {out / f"{spec['template']}.json" for spec in WORKFLOWS.values()}
+    for old in sorted(set(out.glob("*.json")) - shipped):
+        old.unlink()
+        print(f"removed {old.relative_to(ROOT)} (no longer in workflow_specs.py)")
+    for workflow_id, spec in WORKFLOWS.items():
+        path = out / f"{spec['template']}.json"
+        path.write_text(json.dumps(build(workflow_id, spec, info), indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
+    update_readme(info)
+    print("updated the GPU settings table in README.md")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python scripts/collage_preview.py FOLDER_1 "sks dog" FOLDER_2 "zwx sculpture" --out collages.png
 
-With no arguments it uses the demo subjects that run_workflow.py creates
-(the picture in the README, docs/cutmix_collages.png).
+With no arguments it uses the demo subjects of the demo files (the picture in the
+README, docs/cutmix_collages.png); that case needs a ComfyUI to write them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main() -> None:
     args = parser.parse_args()
     pairs = list(zip(args.pairs[::2], args.pairs[1::2], strict=True))
     if not pairs:
-        from headless import write_demo_images
+        from headless import start_comfy
+
+        start_comfy()
+        from comfyui_svdiff.svdiff.comfy.demo import write_demo_images
 
         demo = Path(tempfile.mkdtemp())
         for name in ("demo_sks_dog", "demo_zwx_sculpture"):

@@ -1,13 +1,15 @@
 """Run an example workflow headlessly (the main job) and say where its outputs went.
 
-    python scripts/run_workflow.py [WORKFLOW.json] [--checkpoint FILE] [--out DIR]
+    python scripts/run_workflow.py [WORKFLOW] [--checkpoint FILE] [--out DIR] [--quick]
 
-Without ``--checkpoint`` an embedded tiny SD1.5-architecture model (random weights,
-built once and cached) stands in for the checkpoint, and the image size and step
-count are reduced so the run takes seconds on a CPU. Shift and LoRA files the
-workflow names ``demo_*`` are created for the chosen checkpoint (random, marked as
-demo in their metadata); any other missing file is an error that says where to put
-it. Everything the workflow writes lands under ``--out`` (default ``out/<name>``).
+WORKFLOW is a workflow file or a shipped workflow's id (``train_subject``; a mistyped
+one is answered with the list). Without ``--checkpoint`` the demo checkpoint (tiny
+SD1.5 layout, random weights, built once and cached) stands in, and the workflow runs
+as shipped: minutes on a CPU; ``--quick`` shrinks image size, steps and training to
+seconds. Shift and LoRA files the workflow names ``demo_*`` are created for the chosen
+checkpoint (random, marked as demo in their metadata); any other missing file is an
+error that says where to put it. Everything the workflow writes lands under ``--out``
+(default ``out/<id>``).
 """
 
 from __future__ import annotations
@@ -21,18 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from headless import (
-    ROOT,
-    start_comfy,
-    tiny_checkpoint,
-    write_demo_images,
-    write_demo_kv,
-    write_demo_lora,
-    write_demo_photo,
-    write_demo_shift,
-)
+from headless import ROOT, start_comfy, tiny_checkpoint
 
-DEFAULT_WORKFLOW = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
+WORKFLOWS = ROOT / "workflows"
+DEFAULT_WORKFLOW = "apply_and_stack_lora"
 FILE_INPUTS = {
     "SVDiffLoader": ("shift_name", "spectral_shifts"),
     "SVDiffLoadShift": ("shift_name", "spectral_shifts"),
@@ -44,16 +38,19 @@ FILE_INPUTS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workflow", nargs="?", type=Path, default=DEFAULT_WORKFLOW, help="UI- or API-format workflow JSON")
+    parser.add_argument(
+        "workflow", nargs="?", default=DEFAULT_WORKFLOW, help="a UI- or API-format workflow file, or a shipped workflow's id"
+    )
     parser.add_argument("--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the embedded tiny model)")
     parser.add_argument("--out", type=Path, help="output folder (default: out/<workflow name>)")
-    parser.add_argument("--steps", type=int, help="override the sampler steps (default with the tiny model: 4)")
-    parser.add_argument("--size", type=int, help="override the image size in pixels (default with the tiny model: 128)")
+    parser.add_argument("--quick", action="store_true", help="seconds instead of minutes: 4 sampler steps, 128 px, 8 training steps")
+    parser.add_argument("--steps", type=int, help="override the sampler steps")
+    parser.add_argument("--size", type=int, help="override the image size in pixels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     args.workflow = find_workflow(args.workflow)
-    out = fresh_output_folder(args.out, args.workflow)
+    out = fresh_output_folder(args.out, args.workflow, workflow_id(args.workflow))
     started = time.perf_counter()
     # ComfyUI logs a traceback for every optional node pack it cannot import (audio
     # nodes without torchaudio, ...); those do not concern this run.
@@ -75,11 +72,13 @@ def main() -> int:
     for entry in prompt.values():
         if entry["class_type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
             entry["inputs"]["ckpt_name"] = checkpoint.name
-    if tiny or args.steps or args.size:
-        shrink(prompt, steps=args.steps or (4 if tiny else None), size=args.size or (128 if tiny else None), training=tiny)
+    if args.quick or args.steps or args.size:
+        shrink(
+            prompt, steps=args.steps or (4 if args.quick else None), size=args.size or (128 if args.quick else None), training=args.quick
+        )
     prepare_files(handle, prompt, checkpoint)
 
-    print(f"running {args.workflow.name} on {'the embedded tiny model' if tiny else checkpoint.name} …", flush=True)
+    print(f"running {args.workflow.name} on {'the demo checkpoint (random weights)' if tiny else checkpoint.name} …", flush=True)
     result = handle.run_prompt(prompt, timeout=3600)
     if not result.success:
         print(f"\nthe workflow failed:\n{result.error_message}", file=sys.stderr)
@@ -92,22 +91,39 @@ MARKER = ".svdiff-run-output"
 """Marks a folder this script made, so a later run may empty it."""
 
 
-def find_workflow(path: Path) -> Path:
-    """``path``, or a shipped workflow of that name; else exit with the list of shipped ones."""
+def workflow_id(path: Path) -> str:
+    """A shipped workflow's id (``extra.svdiff_id``), else the file's stem."""
+    try:
+        return json.loads(path.read_text()).get("extra", {}).get("svdiff_id") or path.stem
+    except (OSError, ValueError, AttributeError):
+        return path.stem
+
+
+def shipped_workflows() -> dict[str, Path]:
+    return {workflow_id(path): path for path in sorted(WORKFLOWS.glob("*.json"))}
+
+
+def find_workflow(text: str) -> Path:
+    """A workflow file, or a shipped workflow by id or file name; else exit with the list."""
+    path = Path(text).expanduser()
     if path.is_file():
         return path
-    shipped = sorted((ROOT / "workflows").glob("*.json"))
-    for candidate in (ROOT / "workflows" / path.name, ROOT / "workflows" / f"{path.name}.json"):
-        if candidate.is_file():
-            return candidate
-    names = "\n  ".join(p.name for p in shipped)
-    raise SystemExit(f"workflow '{path}' not found; give a workflow file, or one of the shipped workflows:\n  {names}")
+    shipped = shipped_workflows()
+    key = path.name.removesuffix(".json")
+    for candidate in (key, key.removeprefix("svdiff_")):  # ids; "svdiff_<id>" were the file names before 0.4
+        if candidate in shipped:
+            return shipped[candidate]
+    by_stem = {p.stem.lower(): p for p in shipped.values()}
+    if key.lower() in by_stem:
+        return by_stem[key.lower()]
+    names = "\n  ".join(f"{wid:<22} {p.name}" for wid, p in shipped.items())
+    raise SystemExit(f"workflow '{text}' not found; give a workflow file, or one of the shipped workflows (id, file):\n  {names}")
 
 
-def fresh_output_folder(requested: Path | None, workflow: Path) -> Path:
-    """An empty output folder for this run: the default ``out/<name>`` or ``--out``, emptied
+def fresh_output_folder(requested: Path | None, workflow: Path, name: str | None = None) -> Path:
+    """An empty output folder for this run: the default ``out/<id>`` or ``--out``, emptied
     when an earlier run of this script made it; another non-empty folder is refused."""
-    out = (requested or ROOT / "out" / workflow.stem).resolve()
+    out = (requested or ROOT / "out" / (name or workflow.stem)).resolve()
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists() and requested is not None:
             raise SystemExit(f"--out {out} is not empty and was not made by this script; choose a new or empty folder")
@@ -145,6 +161,15 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
 
 def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
     """Create the demo shift/LoRA files and image folders the workflow names; refuse other missing files."""
+    from comfyui_svdiff.svdiff.comfy.demo import (
+        load_demo_checkpoint,
+        write_demo_images,
+        write_demo_kv,
+        write_demo_lora,
+        write_demo_photo,
+        write_demo_shift,
+    )
+
     needed: dict[Path, tuple[str, str]] = {}  # one demo file per path, whichever nodes name it
     for entry in prompt.values():
         if entry["class_type"] == "SVDiffDatasetFromFolder":
@@ -172,9 +197,7 @@ def prepare_files(handle, prompt: dict, checkpoint: Path) -> None:
             needed.setdefault(handle.model_dir(folder) / filename, (folder, entry["class_type"]))
     if not needed:
         return
-    import comfy.sd
-
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clipvision=False)
+    model, clip = load_demo_checkpoint(checkpoint)
     for seed, (path, (folder, kind)) in enumerate(sorted(needed.items()), start=1):
         filename = path.relative_to(handle.model_dir(folder)).as_posix()
         if kind == "SVDiffLoadKVDeltas":

@@ -12,13 +12,17 @@ EDIT = "photo of a crown with a blue diamond on it"
 PAIR = "photo of a sks dog sitting beside a zwx sculpture"
 PETS = "photo of a embedding:cd_sks_dog dog and a embedding:demo_kv_cat cat on a sofa"
 CUT_MIX_TEMPLATES = "photo of a {left} on the left and a {right} on the right\nphoto of a {a} and a {b}"
-DEMO_FOLDER = {"resolution": 512, "caption_extension": ".txt"}
+CHECKPOINT = "svdiff_demo_sd15.safetensors"
+"""The demo checkpoint (``python scripts/install_demo.py`` or the Install Demo Files node)."""
+CPU_SIZE = 256
+"""Image size of the shipped settings: minutes on 2 CPU cores with the demo checkpoint."""
+DEMO_FOLDER = {"resolution": CPU_SIZE, "caption_extension": ".txt"}
 
 
 def train_widgets(**values):
     """SVDiffTrain's widget values: the node's usual settings, with ``values`` on top."""
     return {
-        "steps": 500,
+        "steps": 100,
         "learning_rate": 1e-3,
         "learning_rate_1d": 1e-6,
         "layers": "UNet",
@@ -40,11 +44,11 @@ def train_widgets(**values):
 
 
 def ksampler_widgets(seed):
-    """KSampler's widget values for a 25-step euler sample at CFG 7."""
+    """KSampler's widget values for a 12-step euler sample at CFG 7 (25-30 steps on a GPU)."""
     return {
         "seed": seed,
         "control_after_generate": "fixed",
-        "steps": 25,
+        "steps": 12,
         "cfg": 7.0,
         "sampler_name": "euler",
         "scheduler": "normal",
@@ -52,18 +56,44 @@ def ksampler_widgets(seed):
     }
 
 
-EMPTY_512 = {"width": 512, "height": 512, "batch_size": 1}
+LATENT = {"width": CPU_SIZE, "height": CPU_SIZE, "batch_size": 1}
 
 
 def node(nid, kind, pos, widgets=None, links=None, title=None):
     return {"id": nid, "type": kind, "pos": pos, "widgets": widgets or {}, "links": links or {}, "title": title}
 
 
+def loader(nid=1):
+    return node(nid, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": CHECKPOINT})
+
+
+# Each workflow's "gpu" list: (node id, widget, value for a real model on a GPU). The
+# shipped values are sized for the demo checkpoint on a CPU; the builder writes both
+# into the workflow's note, and the README's table lists the same changes.
+
+
+# Keys are the workflows' ids (``run_workflow.py train_subject``); "template" is the file
+# name, which the template browser shows as the title (frontends 1.35-1.48 show a custom
+# node's template by its file name, and nothing else).
 WORKFLOWS = {
-    "svdiff_apply_and_stack_lora": {
+    "start_here": {
+        "template": "SVDiff - Start here (demo files)",
+        "title": "Put the demo files in place, so every SVDiff workflow runs as loaded",
+        "about": (
+            "Queue this once. It writes the demo checkpoint (svdiff_demo_sd15.safetensors, random weights: its pictures are noise), "
+            "demo shifts, a LoRA, K/V deltas with their token and demo photos into ComfyUI's models/ and input/ folders, "
+            "leaving files already there alone, and refreshes the loaders' lists. Then open any other SVDiff template."
+        ),
+        "gpu": [],
+        "nodes": [node(1, "SVDiffInstallDemo", [20, 120])],
+    },
+    "apply_and_stack_lora": {
+        "template": "SVDiff - Apply a shift + LoRA",
         "title": "Apply a spectral shift and stack it with a LoRA",
+        "about": "Load a checkpoint, stack a LoRA and a spectral shift on it (in either order: the loaders chain), then sample. Inspect shows what the shift changes.",
+        "gpu": [(6, "width", 512), (6, "height", 512), (7, "steps", 25)],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(
                 2,
                 "LoraLoader",
@@ -80,7 +110,7 @@ WORKFLOWS = {
             ),
             node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),
             node(5, "CLIPTextEncode", [1040, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
-            node(6, "EmptyLatentImage", [700, 420], EMPTY_512),
+            node(6, "EmptyLatentImage", [700, 420], LATENT),
             node(
                 7,
                 "KSampler",
@@ -94,8 +124,11 @@ WORKFLOWS = {
             node(11, "SVDiffInspect", [360, 560], {}, {"shift": (10, 0)}),
         ],
     },
-    "svdiff_combine_style_mix": {
+    "combine_style_mix": {
+        "template": "SVDiff - Combine shifts",
         "title": "Combine two shifts: interpolate, and take some blocks from each (style mixing)",
+        "about": "Interpolate two shifts (0.5·A + 0.5·B), and mix them by blocks: A's down and middle blocks with B's up blocks. The results are saved to models/spectral_shifts.",
+        "gpu": [],
         "nodes": [
             node(1, "SVDiffLoadShift", [20, 100], {"shift_name": "demo_dog.safetensors"}, title="Shift A (subject)"),
             node(2, "SVDiffLoadShift", [20, 300], {"shift_name": "demo_cat.safetensors"}, title="Shift B (style)"),
@@ -176,17 +209,29 @@ WORKFLOWS = {
             node(9, "SVDiffInspect", [1100, 40], {}, {"shift": (1, 0), "shift_b": (2, 0)}, "Cosine similarity (E.2)"),
         ],
     },
-    "svdiff_train_subject": {
+    "train_subject": {
+        "template": "SVDiff - Train a subject",
         "title": "Train a spectral shift on a subject (3-5 photos), then sample with it",
+        "about": "Train a shift on the photos in input/demo_sks_dog (put 3-5 photos of your subject in a folder of ComfyUI's input folder, captions in .txt files beside them), with prior preservation, then sample with it. The loss curve draws on the node while it trains.",
+        "gpu": [
+            (2, "resolution", 512),
+            (3, "steps", 500),
+            (3, "num_class_images", 100),
+            (3, "save_every", 100),
+            (3, "preview_every", 100),
+            (6, "width", 512),
+            (6, "height", 512),
+            (7, "steps", 25),
+        ],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(
                 2,
                 "SVDiffDatasetFromFolder",
                 [20, 400],
                 {
                     "folder": "demo_sks_dog",
-                    "resolution": 512,
+                    "resolution": CPU_SIZE,
                     "default_caption": "photo of a sks dog",
                     "trigger_word": "sks",
                     "caption_extension": ".txt",
@@ -199,18 +244,18 @@ WORKFLOWS = {
                 train_widgets(
                     prior_weight=1.0,
                     class_prompt="photo of a dog",
-                    num_class_images=50,
+                    num_class_images=4,
                     random_flip=True,
-                    save_every=100,
+                    save_every=50,
                     filename_prefix="svdiff/sks_dog",
-                    preview_every=100,
+                    preview_every=50,
                     preview_prompt="photo of a sks dog in a bucket",
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
             ),
             node(4, "CLIPTextEncode", [800, 40], {"text": "photo of a sks dog in a bucket"}, {"clip": (3, 1)}, "Positive"),
             node(5, "CLIPTextEncode", [800, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
-            node(6, "EmptyLatentImage", [800, 560], EMPTY_512),
+            node(6, "EmptyLatentImage", [800, 560], LATENT),
             node(
                 7,
                 "KSampler",
@@ -223,23 +268,36 @@ WORKFLOWS = {
             node(10, "PreviewImage", [1160, 560], {}, {"images": (3, 4)}, "Loss curve"),
         ],
     },
-    "svdiff_cosine_edit": {
+    "cosine_edit": {
+        "template": "SVDiff - CoSINE photo edit",
         "title": "CoSINE: fine-tune on one photo and its description, then edit by changing the prompt",
+        "about": "Fine-tune on one photo and its description, DDIM-invert the photo, and sample an edited prompt from the inverted noise (top) and from fresh noise (bottom).",
+        "gpu": [
+            (3, "width", 512),
+            (3, "height", 512),
+            (4, "resolution", 512),
+            (5, "steps", 300),
+            (5, "preview_every", 100),
+            (8, "steps", 50),
+            (9, "refine_iterations", 50),
+            (20, "width", 512),
+            (20, "height", 512),
+        ],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(2, "LoadImage", [20, 380], {"image": "demo_crown.png", "upload": "image"}),
             node(
                 3,
                 "ImageScale",
                 [20, 760],
-                {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+                {"upscale_method": "lanczos", "width": CPU_SIZE, "height": CPU_SIZE, "crop": "center"},
                 {"image": (2, 0)},
             ),
             node(
                 4,
                 "SVDiffDatasetFromImages",
                 [380, 520],
-                {"captions": CROWN, "trigger_word": "", "resolution": 512},
+                {"captions": CROWN, "trigger_word": "", "resolution": CPU_SIZE},
                 {"images": (3, 0)},
                 "The photo and its description",
             ),
@@ -248,14 +306,14 @@ WORKFLOWS = {
                 "SVDiffTrain",
                 [740, 120],
                 train_widgets(
-                    steps=300,
+                    steps=80,
                     prior_weight=0.0,
                     class_prompt="",
                     num_class_images=0,
                     random_flip=False,
                     save_every=0,
                     filename_prefix="svdiff/crown",
-                    preview_every=100,
+                    preview_every=40,
                     preview_prompt=EDIT,
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0)},
@@ -263,12 +321,12 @@ WORKFLOWS = {
             ),
             node(6, "VAEEncode", [380, 860], {}, {"pixels": (3, 0), "vae": (1, 2)}),
             node(7, "CLIPTextEncode", [1120, 40], {"text": CROWN}, {"clip": (5, 1)}, "Description of the photo"),
-            node(8, "BasicScheduler", [1120, 300], {"scheduler": "normal", "steps": 50, "denoise": 1.0}, {"model": (5, 0)}),
+            node(8, "BasicScheduler", [1120, 300], {"scheduler": "normal", "steps": 12, "denoise": 1.0}, {"model": (5, 0)}),
             node(
                 9,
                 "SVDiffDDIMInversion",
                 [1480, 40],
-                {"cfg": 1.0, "refine_iterations": 50, "tolerance": 1e-6},
+                {"cfg": 1.0, "refine_iterations": 10, "tolerance": 1e-6},
                 {"model": (5, 0), "positive": (7, 0), "latent": (6, 0), "sigmas": (8, 0)},
             ),
             node(
@@ -294,7 +352,7 @@ WORKFLOWS = {
             node(17, "SaveImage", [2800, 40], {"filename_prefix": "svdiff/crown_edit_inverted"}, {"images": (16, 0)}),
             node(18, "RandomNoise", [1840, 700], {"noise_seed": 1, "control_after_generate": "fixed"}),
             node(19, "SVDiffDDIMSampler", [1840, 880], {"eta": 0.0, "s_noise": 1.0}, title="DDIM η = 0"),
-            node(20, "EmptyLatentImage", [1840, 1040], EMPTY_512),
+            node(20, "EmptyLatentImage", [1840, 1040], LATENT),
             node(
                 21,
                 "SamplerCustomAdvanced",
@@ -308,10 +366,21 @@ WORKFLOWS = {
             node(24, "PreviewImage", [740, 860], {}, {"images": (5, 4)}, "Loss curve"),
         ],
     },
-    "svdiff_custom_diffusion": {
+    "custom_diffusion": {
+        "template": "SVDiff - Custom Diffusion merge",
         "title": "Custom Diffusion: train K/V weights and a modifier token, merge with a second concept in closed form, sample both",
+        "about": "Train Custom Diffusion's cross-attention K/V weights and a modifier token on the dog photos, merge them with a second concept in closed form, and sample both concepts in one picture.",
+        "gpu": [
+            (2, "resolution", 512),
+            (3, "steps", 250),
+            (3, "num_class_images", 100),
+            (3, "augment_variants", 8),
+            (10, "width", 512),
+            (10, "height", 512),
+            (11, "steps", 25),
+        ],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(
                 2,
                 "SVDiffDatasetFromFolder",
@@ -324,17 +393,17 @@ WORKFLOWS = {
                 [400, 120],
                 {
                     "deltas": "K/V weights (Custom Diffusion)",
-                    "steps": 250,
+                    "steps": 60,
                     "learning_rate": 1e-5,
                     "learning_rate_spectral": 1e-3,
                     "modifier_token": "sks",
                     "initializer_token": "42170",
                     "learning_rate_token": 1e-5,
                     "augmentation": "auto",
-                    "augment_variants": 8,
+                    "augment_variants": 4,
                     "prior_weight": 1.0,
                     "class_prompt": "photo of a dog",
-                    "num_class_images": 20,
+                    "num_class_images": 4,
                     "batch_size": 1,
                     "random_flip": True,
                     "seed": 0,
@@ -368,7 +437,7 @@ WORKFLOWS = {
             ),
             node(8, "CLIPTextEncode", [1600, 560], {"text": PETS}, {"clip": (1, 1)}, "Positive"),
             node(9, "CLIPTextEncode", [1600, 820], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative"),
-            node(10, "EmptyLatentImage", [1600, 1080], EMPTY_512),
+            node(10, "EmptyLatentImage", [1600, 1080], LATENT),
             node(
                 11,
                 "KSampler",
@@ -380,21 +449,39 @@ WORKFLOWS = {
             node(13, "SaveImage", [2700, 120], {"filename_prefix": "svdiff/dog_and_cat_merged"}, {"images": (12, 0)}),
         ],
     },
-    "svdiff_multi_subject": {
+    "multi_subject": {
+        "template": "SVDiff - Two subjects together",
         "title": "Learn two subjects together with Cut-Mix-Unmix, then sample them side by side",
+        "about": "Train two subjects at once on Cut-Mix-Unmix collages with the attention unmix regulariser, then sample both side by side with negative-prior guidance.",
+        "gpu": [
+            (2, "resolution", 512),
+            (3, "resolution", 512),
+            (4, "collages", 32),
+            (6, "steps", 800),
+            (6, "num_class_images", 50),
+            (6, "save_every", 200),
+            (6, "preview_every", 200),
+            (13, "steps", 30),
+            (14, "width", 512),
+            (14, "height", 512),
+        ],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(
                 2,
                 "SVDiffDatasetFromFolder",
                 [20, 380],
                 {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+                None,
+                "Subject 1 photos",
             ),
             node(
                 3,
                 "SVDiffDatasetFromFolder",
                 [20, 680],
                 {**DEMO_FOLDER, "folder": "demo_zwx_sculpture", "default_caption": "photo of a zwx sculpture", "trigger_word": "zwx"},
+                None,
+                "Subject 2 photos",
             ),
             node(
                 4,
@@ -407,7 +494,7 @@ WORKFLOWS = {
                     "split_min": 0.5,
                     "split_max": 0.5,
                     "prompt_templates": CUT_MIX_TEMPLATES,
-                    "collages": 32,
+                    "collages": 8,
                     "random_flip": True,
                     "seed": 0,
                 },
@@ -424,18 +511,18 @@ WORKFLOWS = {
                 "SVDiffTrain",
                 [800, 120],
                 train_widgets(
-                    steps=1000,
+                    steps=100,
                     prior_weight=1.0,
                     class_prompt="",
-                    num_class_images=50,
+                    num_class_images=4,
                     random_flip=True,
-                    save_every=250,
+                    save_every=0,
                     filename_prefix="svdiff/sks_dog_zwx_sculpture",
-                    preview_every=250,
+                    preview_every=50,
                     preview_prompt=PAIR,
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0), "attention": (5, 0)},
-                "Train both subjects (50 class images per subject are generated)",
+                "Train both subjects (class images are generated per subject)",
             ),
             node(7, "CLIPTextEncode", [1200, 40], {"text": PAIR}, {"clip": (6, 1)}, "Positive"),
             node(8, "CLIPTextEncode", [1200, 300], {"text": ""}, {"clip": (6, 1)}, "Null prompt"),
@@ -451,8 +538,8 @@ WORKFLOWS = {
             ),
             node(11, "RandomNoise", [1560, 300], {"noise_seed": 5, "control_after_generate": "fixed"}),
             node(12, "KSamplerSelect", [1560, 460], {"sampler_name": "euler"}),
-            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 30, "denoise": 1.0}, {"model": (6, 0)}),
-            node(14, "EmptyLatentImage", [1560, 760], EMPTY_512),
+            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 12, "denoise": 1.0}, {"model": (6, 0)}),
+            node(14, "EmptyLatentImage", [1560, 760], LATENT),
             node(
                 15,
                 "SamplerCustomAdvanced",
@@ -465,10 +552,13 @@ WORKFLOWS = {
             node(18, "PreviewImage", [1200, 820], {}, {"images": (6, 4)}, "Loss curve"),
         ],
     },
-    "svdiff_export_lora": {
+    "export_lora": {
+        "template": "SVDiff - Export a shift as a LoRA",
         "title": "Export a spectral shift as an ordinary LoRA",
+        "about": "Write a shift as an ordinary LoRA (models/loras) for tools that do not know SVDiff; the report gives the approximation error at the chosen rank.",
+        "gpu": [],
         "nodes": [
-            node(1, "CheckpointLoaderSimple", [20, 120], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            loader(),
             node(2, "SVDiffLoadShift", [20, 360], {"shift_name": "demo_dog.safetensors"}),
             node(
                 3,

@@ -322,6 +322,26 @@ def test_core_imports_without_comfyui():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_demo_node_can_import_tiny_models_inside_the_extension():
+    """The Install Demo Files node imports devtools/tiny_models as part of the extension's
+    package (comfyui_svdiff.devtools.tiny_models), where ``devtools`` is not importable: its
+    modules must import each other relatively (the entry point __main__.py aside)."""
+    import ast
+
+    modules = sorted((ROOT / "devtools" / "tiny_models").glob("*.py"))
+    assert len(modules) >= 8, modules
+    offenders = []
+    for path in modules:
+        if path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "devtools"]
+    assert not offenders, offenders
+
+
 def test_a_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(tmp_path):
     """A safetensors header of 128 + 256·k bytes makes the file start with 0x80, like a pickle."""
     for pad in range(0, 400):

@@ -15,6 +15,7 @@ const TRAIN_NODES = new Set(["SVDiffTrain", "SVDiffTrainCustomDiffusion"]);
 const LOADER_NODES = { SVDiffLoader: "shift_name", SVDiffLoadShift: "shift_name" };
 const CHECKPOINT_WIDGETS = { ckpt_name: "checkpoints", unet_name: "diffusion_models" };
 const TRAIN_EVENT = "svdiff.train";
+const DEMO_NODE = "SVDiffInstallDemo";
 const CHART_HEIGHT = 170;
 const INFO_HEIGHT = 150;
 const COLORS = {
@@ -486,6 +487,12 @@ app.registerExtension({
       });
       chain(nodeType.prototype, "onExecuted", function (output) {
         if (Array.isArray(output?.svdiff_loss)) this.svdiffChart?.setAll(output.svdiff_loss);
+      });
+    }
+    if (nodeData.name === DEMO_NODE) {
+      // New files in models/ and input/: refresh the loaders' lists, as pressing R does.
+      chain(nodeType.prototype, "onExecuted", function () {
+        app.refreshComboInNodes?.();
       });
     }
     const widgetName = LOADER_NODES[nodeData.name];

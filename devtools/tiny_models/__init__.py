@@ -73,14 +73,14 @@ Layout: :mod:`~devtools.tiny_models.configs` (architectures, widths,
 Run ``python -m devtools.tiny_models [--comfyui PATH]`` for a sanity run.
 """
 
-from devtools.tiny_models.builders import build_clip, build_model, build_vae, encoded_picture, smooth_in_time_
-from devtools.tiny_models.checkpoints import load_checkpoint_checked, write_tiny_checkpoint
-from devtools.tiny_models.configs import ARCHS, CONFIG_CLASS, latent_channels, tiny_config
-from devtools.tiny_models.cpu import prepare_comfy_cpu
-from devtools.tiny_models.lora import make_test_lora
-from devtools.tiny_models.sampling import encode_prompt, sample_tiny
-from devtools.tiny_models.sanity import sanity_check
-from devtools.tiny_models.weights import check_finite, deterministic_init_
+from .builders import build_clip, build_model, build_vae, encoded_picture, smooth_in_time_
+from .checkpoints import load_checkpoint_checked, tiny_checkpoint_tensors, write_tiny_checkpoint
+from .configs import ARCHS, CONFIG_CLASS, latent_channels, tiny_config
+from .cpu import inside_running_comfyui, prepare_comfy_cpu
+from .lora import make_test_lora
+from .sampling import encode_prompt, sample_tiny
+from .sanity import sanity_check
+from .weights import check_finite, deterministic_init_
 
 __all__ = [
     "ARCHS",
@@ -92,6 +92,7 @@ __all__ = [
     "deterministic_init_",
     "encode_prompt",
     "encoded_picture",
+    "inside_running_comfyui",
     "latent_channels",
     "load_checkpoint_checked",
     "make_test_lora",
@@ -99,6 +100,7 @@ __all__ = [
     "sample_tiny",
     "sanity_check",
     "smooth_in_time_",
+    "tiny_checkpoint_tensors",
     "tiny_config",
     "write_tiny_checkpoint",
 ]

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from devtools.tiny_models.configs import CONFIG_CLASS, latent_channels, text_encoder_configs, tiny_config, validate_arch
-from devtools.tiny_models.cpu import prepare_comfy_cpu
-from devtools.tiny_models.weights import deterministic_init_, quiet_rng
+from .configs import CONFIG_CLASS, latent_channels, text_encoder_configs, tiny_config, validate_arch
+from .cpu import prepare_comfy_cpu
+from .weights import deterministic_init_, quiet_rng
 
 
 def _model_config(arch: str, unet_config: dict, dtype: torch.dtype):

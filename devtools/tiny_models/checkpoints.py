@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from devtools.tiny_models.builders import build_base_model, build_clip, build_taesd_sd, vae_ddconfig
-from devtools.tiny_models.configs import TEXT_ENCODERS, ldm_unet_config
-from devtools.tiny_models.cpu import prepare_comfy_cpu
-from devtools.tiny_models.weights import deterministic_init_, quiet_rng
+from .builders import build_base_model, build_clip, build_taesd_sd, vae_ddconfig
+from .configs import TEXT_ENCODERS, ldm_unet_config
+from .cpu import prepare_comfy_cpu
+from .weights import deterministic_init_, quiet_rng
 
 # Smallest UNet that comfy.model_detection still maps to SD15: detection only
 # constrains model_channels=320, context_dim=768 (so >= 1 transformer, to read
@@ -104,8 +104,30 @@ def write_tiny_checkpoint(
     is ~1.75 GiB (CLIP-G alone is 695M params) and needs ``allow_large=True``.
     Returns a dict with ``path``, ``bytes``, ``num_tensors``, ``params``.
     """
-    prepare_comfy_cpu()
+    out, metadata = tiny_checkpoint_tensors(arch, seed, vae, storage_dtype, allow_large)
     import comfy.utils
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    comfy.utils.save_torch_file(out, path, metadata=metadata)
+    return {
+        "path": path,
+        "bytes": os.path.getsize(path),
+        "num_tensors": len(out),
+        "params": sum(t.numel() for t in out.values()),
+    }
+
+
+def tiny_checkpoint_tensors(
+    arch: str = "SD15",
+    seed: int = 0,
+    vae: str = "taesd",
+    storage_dtype: torch.dtype = torch.float16,
+    allow_large: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`write_tiny_checkpoint` saves (for callers that
+    write the file themselves, atomically)."""
+    prepare_comfy_cpu()
 
     if arch not in _CKPT_UNET:
         raise ValueError(f"write_tiny_checkpoint supports {sorted(_CKPT_UNET)}, not {arch!r}")
@@ -139,21 +161,11 @@ def write_tiny_checkpoint(
     sd = _checkpoint_state_dict(model, clip.get_sd(), vae_sd)
     out = {}
     for k, t in sd.items():
-        t = t.detach()
+        t = t.detach().cpu()
         if t.is_floating_point():
             t = t.to(storage_dtype)
         out[k] = t.contiguous()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    comfy.utils.save_torch_file(out, path, metadata={"tiny_models": f"{arch}/seed={seed}/vae={vae}"})
-    params = sum(t.numel() for t in out.values())
-    del model, clip, sd
-    return {
-        "path": path,
-        "bytes": os.path.getsize(path),
-        "num_tensors": len(out),
-        "params": params,
-    }
+    return out, {"tiny_models": f"{arch}/seed={seed}/vae={vae}"}
 
 
 class _LogCollector(logging.Handler):

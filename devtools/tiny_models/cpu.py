@@ -6,8 +6,24 @@ before anything imports ``comfy.model_management``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+
+_HOSTED = threading.local()
+
+
+@contextlib.contextmanager
+def inside_running_comfyui():
+    """Build models in a ComfyUI that is already set up (a server on its own device):
+    :func:`prepare_comfy_cpu` leaves the device settings as they are meanwhile."""
+    depth = getattr(_HOSTED, "depth", 0)
+    _HOSTED.depth = depth + 1
+    try:
+        yield
+    finally:
+        _HOSTED.depth = depth
 
 
 def prepare_comfy_cpu(comfyui_root: str | os.PathLike | None = None) -> None:
@@ -17,6 +33,8 @@ def prepare_comfy_cpu(comfyui_root: str | os.PathLike | None = None) -> None:
     CUDA-less machine that import otherwise crashes.  Safe to call repeatedly.
     ``comfyui_root`` (or ``$COMFYUI_PATH``) is put on ``sys.path`` if given.
     """
+    if getattr(_HOSTED, "depth", 0):
+        return
     root = comfyui_root if comfyui_root is not None else os.environ.get("COMFYUI_PATH")
     if root is not None:
         root = os.path.abspath(os.path.expanduser(str(root)))

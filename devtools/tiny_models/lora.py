@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from devtools.tiny_models.cpu import prepare_comfy_cpu
-from devtools.tiny_models.weights import param_seed
+from .cpu import prepare_comfy_cpu
+from .weights import param_seed
 
 
 def _default_lora_target(key: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from devtools.tiny_models.configs import latent_channels
+from .configs import latent_channels
 
 
 def encode_prompt(clip, text: str):

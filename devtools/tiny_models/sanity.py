@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from devtools.tiny_models.builders import build_model, build_vae
-from devtools.tiny_models.checkpoints import load_checkpoint_checked, write_tiny_checkpoint
-from devtools.tiny_models.configs import ARCHS, CONFIG_CLASS, SDXL_SIZE_COND_DIM
-from devtools.tiny_models.cpu import prepare_comfy_cpu
-from devtools.tiny_models.lora import make_test_lora
-from devtools.tiny_models.sampling import encode_prompt, sample_tiny
-from devtools.tiny_models.weights import check_finite
+from .builders import build_model, build_vae
+from .checkpoints import load_checkpoint_checked, write_tiny_checkpoint
+from .configs import ARCHS, CONFIG_CLASS, SDXL_SIZE_COND_DIM
+from .cpu import prepare_comfy_cpu
+from .lora import make_test_lora
+from .sampling import encode_prompt, sample_tiny
+from .weights import check_finite
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -93,17 +93,16 @@ def server_shifts(comfy_server, comfy_handle, tiny_checkpoint):
     """A shift made for the tiny SD15 checkpoint, one made for a tiny SDXL model, a broken file."""
     import comfy.sd
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import run_workflow
+    from comfyui_svdiff.svdiff.comfy.demo import write_demo_shift
 
     folder = comfy_server.models("spectral_shifts") / "info"
     folder.mkdir(parents=True, exist_ok=True)
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(comfy_handle.model_dir("checkpoints") / tiny_checkpoint), output_vae=False, output_clipvision=False
     )
-    run_workflow.write_demo_shift(folder / "sd15.safetensors", model, clip, seed=1)
+    write_demo_shift(folder / "sd15.safetensors", model, clip, seed=1)
     xl_model, xl_clip = tiny_models.build_model("SDXL", seed=0)
-    run_workflow.write_demo_shift(folder / "sdxl.safetensors", xl_model, xl_clip, seed=2)
+    write_demo_shift(folder / "sdxl.safetensors", xl_model, xl_clip, seed=2)
     (folder / "broken.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1')
     (comfy_server.base_dir / "secret.safetensors").write_bytes(b"not for the route")
     return {"sd15": "info/sd15.safetensors", "sdxl": "info/sdxl.safetensors", "broken": "info/broken.safetensors"}

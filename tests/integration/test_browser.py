@@ -83,7 +83,7 @@ def test_node_library_lists_the_svdiff_nodes(open_page, server_object_info):
     page.page.screenshot(path=str(ARTIFACTS / "node_library.png"))
     listed = page.page.evaluate("() => document.body.innerText")
     ours = {name: info["display_name"] for name, info in server_object_info.items() if name.startswith("SVDiff")}
-    assert len(ours) == 21
+    assert len(ours) == 22
     registered = page.page.evaluate("() => Object.keys(LiteGraph.registered_node_types).filter((k) => k.startsWith('SVDiff'))")
     assert sorted(registered) == sorted(ours)
     shown = [title for title in ours.values() if title in listed]
@@ -138,7 +138,7 @@ def test_workflow_loads_like_a_dropped_file(open_page, comfy_server, server_obje
 
 
 def test_training_draws_a_live_loss_curve(open_page, comfy_server, server_object_info, comfy_handle, tiny_checkpoint):
-    path = ROOT / "workflows" / "svdiff_train_subject.json"
+    path = ROOT / "workflows" / "SVDiff - Train a subject.json"
     workflow = _prepare(comfy_server, server_object_info, comfy_handle, tiny_checkpoint, path)
     page = open_page(height=1300)
     page.load(workflow, replace_checkpoint=tiny_checkpoint)
@@ -201,7 +201,7 @@ def test_training_draws_a_live_loss_curve(open_page, comfy_server, server_object
 
 def test_loader_panel_shows_the_file_and_whether_it_fits(server_shifts, open_page, comfy_server, server_object_info,
                                                         comfy_handle, tiny_checkpoint):  # fmt: skip
-    path = ROOT / "workflows" / "svdiff_apply_and_stack_lora.json"
+    path = ROOT / "workflows" / "SVDiff - Apply a shift + LoRA.json"
     workflow = _prepare(comfy_server, server_object_info, comfy_handle, tiny_checkpoint, path)
     page = open_page()
     page.load(workflow, replace_checkpoint=tiny_checkpoint)

@@ -66,7 +66,7 @@ def _files(base: Path) -> set[Path]:
 
 def test_server_loads_the_extension(comfy_server, server_object_info):
     ids = {name for name in server_object_info if name.startswith("SVDiff")}
-    assert len(ids) == 21, sorted(ids)
+    assert len(ids) == 22, sorted(ids)
     scripts = comfy_server.get_json("/extensions")
     ours = [s for s in scripts if s.startswith(f"/extensions/{INSTALL_NAME}/")]
     assert ours == [f"/extensions/{INSTALL_NAME}/svdiff.js"], scripts
@@ -124,16 +124,19 @@ def test_workflow_runs_through_the_server(comfy_server, server_object_info, tiny
 
 
 def test_workflow_templates_are_served(comfy_server):
-    """The template browser's listing and URLs (frontend 1.35.9: /api/workflow_templates/<module>/<name>.json|.jpg)."""
+    """The template browser's listing and URLs (frontend 1.35.9: /api/workflow_templates/<module>/<name>.json|.jpg),
+    and the label it shows for the extension's folder (/i18n, from locales/en/main.json)."""
     listing = comfy_server.get_json("/workflow_templates")
     assert sorted(listing[INSTALL_NAME]) == sorted(p.stem for p in WORKFLOWS)
     for path in WORKFLOWS:
-        status, body = comfy_server.request(f"/api/workflow_templates/{INSTALL_NAME}/{path.name}")
+        status, body = comfy_server.request(f"/api/workflow_templates/{INSTALL_NAME}/{urllib.parse.quote(path.name)}")
         assert status == 200 and json.loads(body)["nodes"]
-        status, body = comfy_server.request(f"/api/workflow_templates/{INSTALL_NAME}/{path.stem}.jpg")
+        status, body = comfy_server.request(f"/api/workflow_templates/{INSTALL_NAME}/{urllib.parse.quote(path.stem)}.jpg")
         assert status == 200, f"{path.stem}.jpg: the template browser shows no thumbnail"
         with Image.open(io.BytesIO(body)) as thumbnail:
             assert thumbnail.format == "JPEG" and min(thumbnail.size) >= 200
+    labels = comfy_server.get_json("/i18n")["en"]["templateWorkflows"]["category"]
+    assert labels[INSTALL_NAME] == "ComfyUI-SVDiff"
 
 
 # ---------------------------------------------------------------------------------------
