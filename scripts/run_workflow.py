@@ -41,8 +41,10 @@ def main() -> int:
     parser.add_argument(
         "workflow", nargs="?", default=DEFAULT_WORKFLOW, help="a UI- or API-format workflow file, or a shipped workflow's id"
     )
-    parser.add_argument("--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the embedded tiny model)")
-    parser.add_argument("--out", type=Path, help="output folder (default: out/<workflow name>)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the demo checkpoint, random weights)"
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: out/<workflow id>)")
     parser.add_argument("--quick", action="store_true", help="seconds instead of minutes: 4 sampler steps, 128 px, 8 training steps")
     parser.add_argument("--steps", type=int, help="override the sampler steps")
     parser.add_argument("--size", type=int, help="override the image size in pixels")
@@ -62,8 +64,8 @@ def main() -> int:
     workflow = json.loads(args.workflow.read_text())
     prompt = ui_to_api(workflow, handle.object_info()) if "nodes" in workflow else workflow
 
-    tiny = args.checkpoint is None
-    checkpoint = tiny_checkpoint() if tiny else args.checkpoint.resolve()
+    demo = args.checkpoint is None
+    checkpoint = tiny_checkpoint() if demo else args.checkpoint.resolve()
     if not checkpoint.is_file():
         raise SystemExit(f"--checkpoint {checkpoint}: no such file")
     link = handle.model_dir("checkpoints") / checkpoint.name
@@ -78,7 +80,7 @@ def main() -> int:
         )
     prepare_files(handle, prompt, checkpoint)
 
-    print(f"running {args.workflow.name} on {'the demo checkpoint (random weights)' if tiny else checkpoint.name} …", flush=True)
+    print(f"running {args.workflow.name} on {'the demo checkpoint (random weights)' if demo else checkpoint.name} …", flush=True)
     result = handle.run_prompt(prompt, timeout=3600)
     if not result.success:
         print(f"\nthe workflow failed:\n{result.error_message}", file=sys.stderr)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,13 +56,12 @@ def _shift_tensors(good: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 def _make_files(server, model, clip, sdxl_model, sdxl_clip) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import headless
+    from comfyui_svdiff.svdiff.comfy.demo import write_demo_shift
 
     folder = server.models(SHIFTS)
     good = folder / "bad_good.safetensors"
-    headless.write_demo_shift(good, model, clip, seed=11)
-    headless.write_demo_shift(folder / "bad_sdxl.safetensors", sdxl_model, sdxl_clip, seed=12)
+    write_demo_shift(good, model, clip, seed=11)
+    write_demo_shift(folder / "bad_sdxl.safetensors", sdxl_model, sdxl_clip, seed=12)
     tensors, meta = _shift_tensors(good)
     some_delta = next(k for k in sorted(tensors) if k.endswith(".delta") and k.startswith("diffusion_model."))
 

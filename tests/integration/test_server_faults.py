@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,15 +31,14 @@ TAG = "faults"
 def baseline(comfy_server, comfy_handle, tiny_checkpoint):
     import comfy.sd
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import headless
+    from comfyui_svdiff.svdiff.comfy.demo import write_demo_shift
 
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(comfy_handle.model_dir("checkpoints") / tiny_checkpoint), output_vae=False, output_clipvision=False
     )
     folder = comfy_server.models("spectral_shifts")
     for name, seed in (("conc_a", 21), ("conc_b", 22)):
-        headless.write_demo_shift(folder / f"{name}.safetensors", model, clip, seed=seed)
+        write_demo_shift(folder / f"{name}.safetensors", model, clip, seed=seed)
     write_image_folder(comfy_server.input_dir / "faults_data", seed=1)
     return {"latent": canary_latent(comfy_server, tiny_checkpoint, 0, TAG), "next": [1]}
 
