@@ -78,3 +78,26 @@ def test_the_shipped_evaluator_reads_fresh_pictures_as_their_ground_truth(shippe
     floors |= {"pair shape": 0.9, "pair colour": 0.95, "pair texture": 0.75}
     below = {name: round(accuracy[name], 3) for name, floor in floors.items() if accuracy[name] < floor}
     assert not below, f"accuracy below its floor: {below}; all: {json.dumps(accuracy)}"
+
+
+def test_int8_storage_of_the_base_unet_rounds_each_weight_to_its_rows_grid():
+    """dequantize(quantize(W)) is W rounded to the nearest of 255 steps of max|row|/127: the
+    error of every entry is at most half a step, a row's largest entry is exact, and 1-D
+    tensors are only rounded to fp16."""
+    import torch
+
+    from devtools.world.base import dequantize, quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, 3, 3, generator=g) * torch.logspace(-3, 0, 64).view(-1, 1, 1, 1)
+    bias = torch.randn(64, generator=g)
+    stored = quantize({"w": w, "b": bias})
+    assert stored["w"].dtype == torch.int8 and stored["b"].dtype == torch.float16
+    back = dequantize(stored)
+    step = w.reshape(64, -1).abs().amax(1) / 127
+    err = (back["w"] - w).reshape(64, -1).abs()
+    assert (err <= step[:, None] / 2 + 1e-7).all()
+    rows = w.reshape(64, -1)
+    peak = rows.abs().argmax(1)
+    assert torch.allclose(back["w"].reshape(64, -1).gather(1, peak[:, None]), rows.gather(1, peak[:, None]), rtol=1e-6)
+    assert torch.equal(back["b"], bias.half().float())

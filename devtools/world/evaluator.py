@@ -134,7 +134,7 @@ def load(path: Path = WEIGHTS) -> Evaluator:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained evaluator; build it with `python -m devtools.world`")
+        raise FileNotFoundError(f"{path}: no trained evaluator; build it with `python -m devtools.world evaluator`")
     model = Evaluator()
     state = load_file(str(path))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
