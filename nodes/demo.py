@@ -17,10 +17,10 @@ class SVDiffInstallDemo(io.ComfyNode):
             display_name="Install Demo Files (SVDiff)",
             category=f"{CATEGORY}/demo",
             description=(
-                f"Put the files the example workflows use in ComfyUI's folders: a tiny checkpoint ({DEMO_CHECKPOINT}, "
-                "random weights, ~270 MB: it runs every workflow in minutes on a CPU and draws noise), demo shifts, a LoRA, "
-                "K/V deltas with their token, training photos and a photo to edit. Files already there are left alone. "
-                "The same as `python scripts/install_demo.py`."
+                f"Put the files the example workflows use in ComfyUI's folders: the world model ({DEMO_CHECKPOINT}, ~290 MB: "
+                "a small SD1.5-layout model trained on pictures of coloured shapes, 64x64, seconds per picture on a CPU), "
+                "shifts, a LoRA and K/V deltas with their token trained on it, subject pictures and a photo to edit. Files "
+                "already there are left alone. The same as `python scripts/install_demo.py`."
             ),
             is_output_node=True,
             inputs=[],
@@ -40,7 +40,8 @@ class SVDiffInstallDemo(io.ComfyNode):
             f"{written} written, {len(placed) - written} already in place:",
             *(f"  {p.line()}" for p in placed),
             "The loaders' lists are refreshed; open a workflow from Workflow → Browse Templates → Extensions → ComfyUI-SVDiff.",
-            f"{DEMO_CHECKPOINT} has random weights: its pictures are noise. Choose your own checkpoint for real pictures.",
+            f"{DEMO_CHECKPOINT} draws 64x64 coloured shapes (the workflows' prompts name them); choose your own checkpoint "
+            "for real pictures and raise the settings each workflow's note lists.",
         ]
         text = "\n".join(lines)
         log.info("SVDiff demo files: %s", text)

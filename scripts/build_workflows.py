@@ -34,8 +34,9 @@ def note_text(spec: dict, info: dict) -> str:
     if any(n["type"] == "CheckpointLoaderSimple" for n in spec["nodes"]):
         lines += [
             "",
-            f"As shipped it runs in minutes on a CPU with the demo checkpoint ({CHECKPOINT}: random weights, its pictures "
-            "are noise). Put the demo files in place once: template 'SVDiff - Start here', or python scripts/install_demo.py.",
+            f"As shipped it runs in a few minutes on a CPU with the world model ({CHECKPOINT}: a small SD1.5-layout model "
+            "trained on pictures of coloured shapes, 64x64) and its trained demo files. Put them in place once: template "
+            "'SVDiff - Start here', or python scripts/install_demo.py.",
         ]
     if spec["gpu"]:
         lines += ["", "For a real model on a GPU: choose your checkpoint in Load Checkpoint, then set"]
@@ -230,7 +231,7 @@ TABLE_START, TABLE_END = "<!-- gpu-settings:start (scripts/build_workflows.py) -
 
 def gpu_table(info: dict) -> str:
     """The README's table of the settings each workflow's note says to raise on a GPU."""
-    rows = ["| Workflow | Node > input | As shipped (CPU, demo checkpoint) | Real model on a GPU |", "|---|---|---|---|"]
+    rows = ["| Workflow | Node > input | As shipped (CPU, world model) | Real model on a GPU |", "|---|---|---|---|"]
     for spec in WORKFLOWS.values():
         by_id = {n["id"]: n for n in spec["nodes"]}
         for nid, widget, value in spec["gpu"]:

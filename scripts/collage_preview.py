@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cutmix_collages.png")
     parser.add_argument("--layout", default="both", choices=cutmix.LAYOUT_CHOICES)
     parser.add_argument("--split", type=float, nargs=2, default=(0.35, 0.65))
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--count", type=int, default=8)
     args = parser.parse_args()
     pairs = list(zip(args.pairs[::2], args.pairs[1::2], strict=True))
@@ -41,9 +41,9 @@ def main() -> None:
         from comfyui_svdiff.svdiff.comfy.demo import write_demo_images
 
         demo = Path(tempfile.mkdtemp())
-        for name in ("demo_sks_dog", "demo_zwx_sculpture"):
+        for name in ("demo_sks_circle", "demo_zwx_square"):
             write_demo_images(demo / name)
-        pairs = [(demo / "demo_sks_dog", "sks dog"), (demo / "demo_zwx_sculpture", "zwx sculpture")]
+        pairs = [(demo / "demo_sks_circle", "sks circle"), (demo / "demo_zwx_square", "zwx square")]
     subjects = []
     for i, (folder, phrase) in enumerate(pairs, start=1):
         token = phrase.split()[0]

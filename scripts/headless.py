@@ -1,4 +1,4 @@
-"""Headless ComfyUI with this extension, and the cached demo checkpoint.
+"""Headless ComfyUI with this extension, and the cached world (demo) checkpoint.
 
 Shared by ``run_workflow.py`` (the main job), ``install_demo.py`` and ``build_workflows.py``.
 The demo files themselves are written by the extension (``svdiff/comfy/demo.py``), the
@@ -8,7 +8,6 @@ same code the "Install Demo Files" node runs.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -34,21 +33,10 @@ def start_comfy(base_dir: Path | None = None):
     return handle
 
 
-def demo_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "comfyui-svdiff" / "demo"
+def demo_checkpoint() -> Path:
+    """The world checkpoint the workflows name (``svdiff_world_sd15.safetensors``), assembled
+    once from the shipped weights and cached (``~/.cache/comfyui-svdiff/world``, ≈30 s).
+    Needs ComfyUI set up (:func:`start_comfy`)."""
+    from devtools.world import base
 
-
-def tiny_checkpoint() -> Path:
-    """The demo checkpoint (SD1.5 layout, random weights), built once and cached.
-
-    ComfyUI's checkpoint loader fixes the text encoder at full CLIP-L size, so the file
-    is ~265 MiB although the UNet is tiny; it is written in a few seconds. Needs
-    ComfyUI set up (:func:`start_comfy`).
-    """
-    from comfyui_svdiff.svdiff.comfy.demo import DEMO_CHECKPOINT, write_demo_checkpoint
-
-    path = demo_cache_dir() / DEMO_CHECKPOINT
-    if not path.exists():
-        write_demo_checkpoint(path)
-    return path
+    return base.world_checkpoint()

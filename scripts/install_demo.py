@@ -2,9 +2,10 @@
 
     python scripts/install_demo.py [--comfyui DIR] [--base-directory DIR]
 
-The same as the "Install Demo Files (SVDiff)" node: a tiny SD1.5-layout checkpoint with
-random weights (svdiff_demo_sd15.safetensors, ~270 MB; its pictures are noise), two
-demo shifts, a LoRA, K/V deltas with their token, training photos and a photo to edit.
+The same as the "Install Demo Files (SVDiff)" node: the world model
+(svdiff_world_sd15.safetensors, ~290 MB: a small SD1.5-layout model trained on pictures
+of coloured shapes, 64x64), two shifts, a LoRA and K/V deltas with their token trained
+on it, subject pictures and a photo to edit.
 Idempotent: files already in place are left alone. Run it with that ComfyUI's Python
 environment; the ComfyUI is the one this extension is installed in, else COMFYUI_PATH,
 else the newest ~/ComfyUI*.
@@ -50,7 +51,7 @@ def main() -> int:
     written = sum(p.status == "written" for p in placed)
     print(f"{written} written, {len(placed) - written} already in place.")
     print("Start ComfyUI (or press R in the browser), then Workflow → Browse Templates → Extensions → ComfyUI-SVDiff.")
-    print("The demo checkpoint has random weights: its pictures are noise. Pick your own checkpoint for real pictures.")
+    print("The world model draws 64x64 coloured shapes; pick your own checkpoint for real pictures.")
     return 0
 
 

@@ -3,13 +3,15 @@
     python scripts/run_workflow.py [WORKFLOW] [--checkpoint FILE] [--out DIR] [--quick]
 
 WORKFLOW is a workflow file or a shipped workflow's id (``train_subject``; a mistyped
-one is answered with the list). Without ``--checkpoint`` the demo checkpoint (tiny
-SD1.5 layout, random weights, built once and cached) stands in, and the workflow runs
-as shipped: minutes on a CPU; ``--quick`` shrinks image size, steps and training to
-seconds. Shift and LoRA files the workflow names ``demo_*`` are created for the chosen
-checkpoint (random, marked as demo in their metadata); any other missing file is an
-error that says where to put it. Everything the workflow writes lands under ``--out``
-(default ``out/<id>``).
+one is answered with the list). Without ``--checkpoint`` the workflow runs as shipped on
+the world model (``svdiff_world_sd15.safetensors``: an SD1.5-layout model trained from
+scratch on pictures of coloured shapes, assembled once from the shipped weights and
+cached) with its trained demo files (the Install Demo Files node's): a minute or two on
+a CPU. ``--quick`` shrinks steps and training to seconds. With ``--checkpoint`` (any
+SD1.x/SD2.x/SDXL file), the shift and LoRA files the workflow names ``demo_*`` are made
+for that checkpoint instead (random, marked as demo in their metadata). Any other
+missing file is an error that says where to put it. Everything the workflow writes
+lands under ``--out`` (default ``out/<id>``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from headless import ROOT, start_comfy, tiny_checkpoint
+from headless import ROOT, demo_checkpoint, start_comfy
 
 WORKFLOWS = ROOT / "workflows"
 DEFAULT_WORKFLOW = "apply_and_stack_lora"
@@ -42,10 +44,10 @@ def main() -> int:
         "workflow", nargs="?", default=DEFAULT_WORKFLOW, help="a UI- or API-format workflow file, or a shipped workflow's id"
     )
     parser.add_argument(
-        "--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the demo checkpoint, random weights)"
+        "--checkpoint", type=Path, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint (default: the world model and its trained demo files)"
     )
     parser.add_argument("--out", type=Path, help="output folder (default: out/<workflow id>)")
-    parser.add_argument("--quick", action="store_true", help="seconds instead of minutes: 4 sampler steps, 128 px, 8 training steps")
+    parser.add_argument("--quick", action="store_true", help="seconds instead of minutes: 4 sampler steps, 8 training steps")
     parser.add_argument("--steps", type=int, help="override the sampler steps")
     parser.add_argument("--size", type=int, help="override the image size in pixels")
     args = parser.parse_args()
@@ -65,7 +67,7 @@ def main() -> int:
     prompt = ui_to_api(workflow, handle.object_info()) if "nodes" in workflow else workflow
 
     demo = args.checkpoint is None
-    checkpoint = tiny_checkpoint() if demo else args.checkpoint.resolve()
+    checkpoint = demo_checkpoint() if demo else args.checkpoint.resolve()
     if not checkpoint.is_file():
         raise SystemExit(f"--checkpoint {checkpoint}: no such file")
     link = handle.model_dir("checkpoints") / checkpoint.name
@@ -75,12 +77,12 @@ def main() -> int:
         if entry["class_type"] in ("CheckpointLoaderSimple", "CheckpointLoader"):
             entry["inputs"]["ckpt_name"] = checkpoint.name
     if args.quick or args.steps or args.size:
-        shrink(
-            prompt, steps=args.steps or (4 if args.quick else None), size=args.size or (128 if args.quick else None), training=args.quick
-        )
+        shrink(prompt, steps=args.steps or (4 if args.quick else None), size=args.size, training=args.quick)
+    if demo:
+        install_world_files(handle)
     prepare_files(handle, prompt, checkpoint)
 
-    print(f"running {args.workflow.name} on {'the demo checkpoint (random weights)' if demo else checkpoint.name} …", flush=True)
+    print(f"running {args.workflow.name} on {'the world model' if demo else checkpoint.name} …", flush=True)
     result = handle.run_prompt(prompt, timeout=3600)
     if not result.success:
         print(f"\nthe workflow failed:\n{result.error_message}", file=sys.stderr)
@@ -158,6 +160,17 @@ def shrink(prompt: dict, steps: int | None, size: int | None, training: bool) ->
         if training and entry["class_type"] == "SVDiffTrain":  # seconds, not hours
             inputs.update(
                 steps=2 * (steps or 4), num_class_images=min(inputs.get("num_class_images", 0), 2), save_every=0, preview_every=steps or 4
+            )
+
+
+def install_world_files(handle) -> None:
+    """The world model's trained demo files and pictures, as the Install Demo Files node puts them."""
+    from comfyui_svdiff.svdiff.comfy.demo import install_demo_files
+
+    for placed in install_demo_files():
+        if placed.status == "written":
+            print(
+                f"put demo file {placed.path.relative_to(handle.base_dir) if placed.path.is_relative_to(handle.base_dir) else placed.path}"
             )
 
 

@@ -6,16 +6,21 @@ types and layout from a live ComfyUI). Declarative data.
 
 from __future__ import annotations
 
-NEGATIVE = "blurry, low quality, watermark"
-CROWN = "photo of a crown with a blue diamond and a golden eagle on it"
-EDIT = "photo of a crown with a blue diamond on it"
-PAIR = "photo of a sks dog sitting beside a zwx sculpture"
-PETS = "photo of a embedding:cd_sks_dog dog and a embedding:demo_kv_cat cat on a sofa"
-CUT_MIX_TEMPLATES = "photo of a {left} on the left and a {right} on the right\nphoto of a {a} and a {b}"
-CHECKPOINT = "svdiff_demo_sd15.safetensors"
-"""The demo checkpoint (``python scripts/install_demo.py`` or the Install Demo Files node)."""
-CPU_SIZE = 256
-"""Image size of the shipped settings: minutes on 2 CPU cores with the demo checkpoint."""
+NEGATIVE = ""
+"""The world model learnt empty captions as its unconditional prompt (a real model: "blurry, low quality")."""
+PHOTO = "a photo of a large yellow star on a dark background"
+EDIT = "a photo of a large blue star on a dark background"
+SUBJECT = "a photo of a large blue sks circle on a dark background"
+PAIR = "a photo of a red sks circle on the left and a red zwx square on the right, on a dark background"
+MERGED = "a photo of a red embedding:cd_sks_circle circle on the left and a red embedding:demo_kv_diamond square on the right, on a dark background"
+CUT_MIX_TEMPLATES = "a photo of a red {left} on the left and a red {right} on the right, on a dark background"
+CIRCLES = "a photo of a large red circle on a dark background"
+CHECKPOINT = "svdiff_world_sd15.safetensors"
+"""The world model (``python scripts/install_demo.py`` or the Install Demo Files node)."""
+CPU_SIZE = 64
+"""Image size of the shipped settings: the world model's (64², seconds per picture on a CPU)."""
+WORLD_LR = 3e-2
+"""Spectral-shift learning rate on the world model (README: the paper's 1e-3 learns nothing there in 600 steps)."""
 DEMO_FOLDER = {"resolution": CPU_SIZE, "caption_extension": ".txt"}
 
 
@@ -44,12 +49,12 @@ def train_widgets(**values):
 
 
 def ksampler_widgets(seed):
-    """KSampler's widget values for a 12-step euler sample at CFG 7 (25-30 steps on a GPU)."""
+    """KSampler's widget values for a 20-step euler sample at CFG 5 (the world model's report settings)."""
     return {
         "seed": seed,
         "control_after_generate": "fixed",
-        "steps": 12,
-        "cfg": 7.0,
+        "steps": 20,
+        "cfg": 5.0,
         "sampler_name": "euler",
         "scheduler": "normal",
         "denoise": 1.0,
@@ -80,9 +85,9 @@ WORKFLOWS = {
         "template": "SVDiff - Start here (demo files)",
         "title": "Put the demo files in place, so every SVDiff workflow runs as loaded",
         "about": (
-            "Queue this once. It writes the demo checkpoint (svdiff_demo_sd15.safetensors, random weights: its pictures are noise), "
-            "demo shifts, a LoRA, K/V deltas with their token and demo photos into ComfyUI's models/ and input/ folders, "
-            "leaving files already there alone, and refreshes the loaders' lists. Then open any other SVDiff template."
+            "Queue this once. It writes the world model (svdiff_world_sd15.safetensors: a small SD1.5-layout model trained from scratch "
+            "on pictures of coloured shapes, 64x64), shifts, a LoRA and K/V deltas trained on it, and the demo pictures into ComfyUI's "
+            "models/ and input/ folders, leaving files already there alone, and refreshes the loaders' lists. Then open any other SVDiff template."
         ),
         "gpu": [],
         "nodes": [node(1, "SVDiffInstallDemo", [20, 120])],
@@ -90,27 +95,37 @@ WORKFLOWS = {
     "apply_and_stack_lora": {
         "template": "SVDiff - Apply a shift + LoRA",
         "title": "Apply a spectral shift and stack it with a LoRA",
-        "about": "Load a checkpoint, stack a LoRA and a spectral shift on it (in either order: the loaders chain), then sample. Inspect shows what the shift changes.",
-        "gpu": [(6, "width", 512), (6, "height", 512), (7, "steps", 25)],
+        "about": (
+            "Load a checkpoint, stack a LoRA and a spectral shift on it (in either order: the loaders chain), then sample. "
+            "On the world model the shift draws its heart for 'sks circle' and keeps it with the LoRA stacked. Inspect shows what the shift changes."
+        ),
+        "gpu": [(6, "width", 512), (6, "height", 512), (7, "steps", 25), (7, "cfg", 7.0)],
         "nodes": [
             loader(),
             node(
                 2,
                 "LoraLoader",
                 [360, 120],
-                {"lora_name": "demo_style_lora.safetensors", "strength_model": 0.8, "strength_clip": 0.8},
+                {"lora_name": "demo_stripes_lora.safetensors", "strength_model": 0.6, "strength_clip": 0.6},
                 {"model": (1, 0), "clip": (1, 1)},
             ),
             node(
                 3,
                 "SVDiffLoader",
                 [700, 120],
-                {"shift_name": "demo_dog.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "mode": "patch"},
+                {"shift_name": "demo_heart.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "mode": "patch"},
                 {"model": (2, 0), "clip": (2, 1)},
             ),
-            node(4, "CLIPTextEncode", [1040, 40], {"text": "photo of a sks dog on a beach"}, {"clip": (3, 1)}, "Positive"),
+            node(
+                4,
+                "CLIPTextEncode",
+                [1040, 40],
+                {"text": "a photo of a large blue sks circle on a dark background"},
+                {"clip": (3, 1)},
+                "Positive",
+            ),
             node(5, "CLIPTextEncode", [1040, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
-            node(6, "EmptyLatentImage", [700, 420], LATENT),
+            node(6, "EmptyLatentImage", [700, 420], {**LATENT, "batch_size": 4}),
             node(
                 7,
                 "KSampler",
@@ -119,19 +134,22 @@ WORKFLOWS = {
                 {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
             ),
             node(8, "VAEDecode", [1760, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
-            node(9, "SaveImage", [2000, 120], {"filename_prefix": "svdiff/dog_with_style"}, {"images": (8, 0)}),
-            node(10, "SVDiffLoadShift", [20, 560], {"shift_name": "demo_dog.safetensors"}),
+            node(9, "SaveImage", [2000, 120], {"filename_prefix": "svdiff/heart_with_lora"}, {"images": (8, 0)}),
+            node(10, "SVDiffLoadShift", [20, 560], {"shift_name": "demo_heart.safetensors"}),
             node(11, "SVDiffInspect", [360, 560], {}, {"shift": (10, 0)}),
         ],
     },
     "combine_style_mix": {
         "template": "SVDiff - Combine shifts",
         "title": "Combine two shifts: interpolate, and take some blocks from each (style mixing)",
-        "about": "Interpolate two shifts (0.5·A + 0.5·B), and mix them by blocks: A's down and middle blocks with B's up blocks. The results are saved to models/spectral_shifts.",
+        "about": (
+            "Interpolate two shifts (0.5·A + 0.5·B), and mix them by blocks: A's down and middle blocks with B's up blocks. "
+            "The results are saved to models/spectral_shifts. The demo shifts were both trained as 'sks circle' (A a heart, B a diamond)."
+        ),
         "gpu": [],
         "nodes": [
-            node(1, "SVDiffLoadShift", [20, 100], {"shift_name": "demo_dog.safetensors"}, title="Shift A (subject)"),
-            node(2, "SVDiffLoadShift", [20, 300], {"shift_name": "demo_cat.safetensors"}, title="Shift B (style)"),
+            node(1, "SVDiffLoadShift", [20, 100], {"shift_name": "demo_heart.safetensors"}, title="Shift A"),
+            node(2, "SVDiffLoadShift", [20, 300], {"shift_name": "demo_diamond.safetensors"}, title="Shift B"),
             node(
                 3,
                 "SVDiffCombine",
@@ -145,11 +163,11 @@ WORKFLOWS = {
                 "SVDiffSave",
                 [740, 40],
                 {
-                    "filename_prefix": "mixed/dog_cat_half",
+                    "filename_prefix": "mixed/heart_diamond_half",
                     "precision": "fp16",
                     "overwrite": False,
-                    "trigger_words": "sks",
-                    "description": "0.5·dog + 0.5·cat",
+                    "trigger_words": "sks circle",
+                    "description": "0.5·heart + 0.5·diamond",
                 },
                 {"shift": (3, 0)},
             ),
@@ -198,11 +216,11 @@ WORKFLOWS = {
                 "SVDiffSave",
                 [1100, 400],
                 {
-                    "filename_prefix": "mixed/dog_down_cat_up",
+                    "filename_prefix": "mixed/heart_down_diamond_up",
                     "precision": "fp16",
                     "overwrite": False,
-                    "trigger_words": "sks",
-                    "description": "dog down/mid blocks, cat up blocks",
+                    "trigger_words": "sks circle",
+                    "description": "heart down/mid blocks, diamond up blocks",
                 },
                 {"shift": (7, 0)},
             ),
@@ -212,9 +230,14 @@ WORKFLOWS = {
     "train_subject": {
         "template": "SVDiff - Train a subject",
         "title": "Train a spectral shift on a subject (3-5 photos), then sample with it",
-        "about": "Train a shift on the photos in input/demo_sks_dog (put 3-5 photos of your subject in a folder of ComfyUI's input folder, captions in .txt files beside them), with prior preservation, then sample with it. The loss curve draws on the node while it trains.",
+        "about": (
+            "Train a shift on the pictures in input/demo_sks_circle (a red heart, which the world model never saw, named 'sks circle'; "
+            "for your subject put 3-5 photos in a folder of ComfyUI's input folder, captions in .txt files beside them), with prior "
+            "preservation, then sample it in a new colour on a new background. The loss curve draws on the node while it trains."
+        ),
         "gpu": [
             (2, "resolution", 512),
+            (3, "learning_rate", 1e-3),
             (3, "steps", 500),
             (3, "num_class_images", 100),
             (3, "save_every", 100),
@@ -222,6 +245,7 @@ WORKFLOWS = {
             (6, "width", 512),
             (6, "height", 512),
             (7, "steps", 25),
+            (7, "cfg", 7.0),
         ],
         "nodes": [
             loader(),
@@ -230,9 +254,9 @@ WORKFLOWS = {
                 "SVDiffDatasetFromFolder",
                 [20, 400],
                 {
-                    "folder": "demo_sks_dog",
+                    "folder": "demo_sks_circle",
                     "resolution": CPU_SIZE,
-                    "default_caption": "photo of a sks dog",
+                    "default_caption": "a photo of a sks circle",
                     "trigger_word": "sks",
                     "caption_extension": ".txt",
                 },
@@ -242,18 +266,20 @@ WORKFLOWS = {
                 "SVDiffTrain",
                 [400, 120],
                 train_widgets(
+                    steps=600,
+                    learning_rate=WORLD_LR,
                     prior_weight=1.0,
-                    class_prompt="photo of a dog",
-                    num_class_images=4,
-                    random_flip=True,
-                    save_every=50,
-                    filename_prefix="svdiff/sks_dog",
-                    preview_every=50,
-                    preview_prompt="photo of a sks dog in a bucket",
+                    class_prompt=CIRCLES,
+                    num_class_images=8,
+                    random_flip=False,
+                    save_every=200,
+                    filename_prefix="svdiff/sks_circle",
+                    preview_every=200,
+                    preview_prompt=SUBJECT,
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
             ),
-            node(4, "CLIPTextEncode", [800, 40], {"text": "photo of a sks dog in a bucket"}, {"clip": (3, 1)}, "Positive"),
+            node(4, "CLIPTextEncode", [800, 40], {"text": SUBJECT}, {"clip": (3, 1)}, "Positive"),
             node(5, "CLIPTextEncode", [800, 300], {"text": NEGATIVE}, {"clip": (3, 1)}, "Negative"),
             node(6, "EmptyLatentImage", [800, 560], LATENT),
             node(
@@ -264,7 +290,7 @@ WORKFLOWS = {
                 {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
             ),
             node(8, "VAEDecode", [1520, 120], {}, {"samples": (7, 0), "vae": (1, 2)}),
-            node(9, "SaveImage", [1760, 120], {"filename_prefix": "svdiff/sks_dog_in_a_bucket"}, {"images": (8, 0)}),
+            node(9, "SaveImage", [1760, 120], {"filename_prefix": "svdiff/sks_circle_blue"}, {"images": (8, 0)}),
             node(10, "PreviewImage", [1160, 560], {}, {"images": (3, 4)}, "Loss curve"),
         ],
     },
@@ -276,8 +302,7 @@ WORKFLOWS = {
             (3, "width", 512),
             (3, "height", 512),
             (4, "resolution", 512),
-            (5, "steps", 300),
-            (5, "preview_every", 100),
+            (5, "learning_rate", 1e-3),
             (8, "steps", 50),
             (9, "refine_iterations", 50),
             (20, "width", 512),
@@ -285,7 +310,7 @@ WORKFLOWS = {
         ],
         "nodes": [
             loader(),
-            node(2, "LoadImage", [20, 380], {"image": "demo_crown.png", "upload": "image"}),
+            node(2, "LoadImage", [20, 380], {"image": "demo_star.png", "upload": "image"}),
             node(
                 3,
                 "ImageScale",
@@ -297,7 +322,7 @@ WORKFLOWS = {
                 4,
                 "SVDiffDatasetFromImages",
                 [380, 520],
-                {"captions": CROWN, "trigger_word": "", "resolution": CPU_SIZE},
+                {"captions": PHOTO, "trigger_word": "", "resolution": CPU_SIZE},
                 {"images": (3, 0)},
                 "The photo and its description",
             ),
@@ -306,22 +331,23 @@ WORKFLOWS = {
                 "SVDiffTrain",
                 [740, 120],
                 train_widgets(
-                    steps=80,
+                    steps=300,
+                    learning_rate=WORLD_LR,
                     prior_weight=0.0,
                     class_prompt="",
                     num_class_images=0,
                     random_flip=False,
                     save_every=0,
-                    filename_prefix="svdiff/crown",
-                    preview_every=40,
+                    filename_prefix="svdiff/star",
+                    preview_every=100,
                     preview_prompt=EDIT,
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0)},
                 "Fine-tune (λ = 0: no prior images)",
             ),
             node(6, "VAEEncode", [380, 860], {}, {"pixels": (3, 0), "vae": (1, 2)}),
-            node(7, "CLIPTextEncode", [1120, 40], {"text": CROWN}, {"clip": (5, 1)}, "Description of the photo"),
-            node(8, "BasicScheduler", [1120, 300], {"scheduler": "normal", "steps": 12, "denoise": 1.0}, {"model": (5, 0)}),
+            node(7, "CLIPTextEncode", [1120, 40], {"text": PHOTO}, {"clip": (5, 1)}, "Description of the photo"),
+            node(8, "BasicScheduler", [1120, 300], {"scheduler": "normal", "steps": 20, "denoise": 1.0}, {"model": (5, 0)}),
             node(
                 9,
                 "SVDiffDDIMInversion",
@@ -339,7 +365,7 @@ WORKFLOWS = {
             node(11, "SVDiffDDIMSampler", [1840, 260], {"eta": 0.5, "s_noise": 1.0}, title="DDIM η = 0.5"),
             node(12, "CLIPTextEncode", [1120, 520], {"text": EDIT}, {"clip": (5, 1)}, "Edited prompt"),
             node(13, "CLIPTextEncode", [1120, 780], {"text": NEGATIVE}, {"clip": (5, 1)}, "Negative"),
-            node(14, "CFGGuider", [1480, 520], {"cfg": 6.0}, {"model": (5, 0), "positive": (12, 0), "negative": (13, 0)}),
+            node(14, "CFGGuider", [1480, 520], {"cfg": 5.0}, {"model": (5, 0), "positive": (12, 0), "negative": (13, 0)}),
             node(
                 15,
                 "SamplerCustomAdvanced",
@@ -349,7 +375,7 @@ WORKFLOWS = {
                 "Edit with inversion",
             ),
             node(16, "VAEDecode", [2560, 40], {}, {"samples": (15, 0), "vae": (1, 2)}),
-            node(17, "SaveImage", [2800, 40], {"filename_prefix": "svdiff/crown_edit_inverted"}, {"images": (16, 0)}),
+            node(17, "SaveImage", [2800, 40], {"filename_prefix": "svdiff/star_edit_inverted"}, {"images": (16, 0)}),
             node(18, "RandomNoise", [1840, 700], {"noise_seed": 1, "control_after_generate": "fixed"}),
             node(19, "SVDiffDDIMSampler", [1840, 880], {"eta": 0.0, "s_noise": 1.0}, title="DDIM η = 0"),
             node(20, "EmptyLatentImage", [1840, 1040], LATENT),
@@ -362,16 +388,22 @@ WORKFLOWS = {
                 "Edit without inversion",
             ),
             node(22, "VAEDecode", [2560, 700], {}, {"samples": (21, 0), "vae": (1, 2)}),
-            node(23, "SaveImage", [2800, 700], {"filename_prefix": "svdiff/crown_edit_no_inversion"}, {"images": (22, 0)}),
+            node(23, "SaveImage", [2800, 700], {"filename_prefix": "svdiff/star_edit_no_inversion"}, {"images": (22, 0)}),
             node(24, "PreviewImage", [740, 860], {}, {"images": (5, 4)}, "Loss curve"),
         ],
     },
     "custom_diffusion": {
         "template": "SVDiff - Custom Diffusion merge",
         "title": "Custom Diffusion: train K/V weights and a modifier token, merge with a second concept in closed form, sample both",
-        "about": "Train Custom Diffusion's cross-attention K/V weights and a modifier token on the dog photos, merge them with a second concept in closed form, and sample both concepts in one picture.",
+        "about": (
+            "Train Custom Diffusion's cross-attention K/V weights and a modifier token on the heart pictures, merge them with a second "
+            "concept (the diamond's K/V deltas and token) in closed form, and sample both concepts in one picture."
+        ),
         "gpu": [
             (2, "resolution", 512),
+            (3, "learning_rate", 1e-5),
+            (3, "learning_rate_token", 1e-5),
+            (3, "augmentation", "auto"),
             (3, "steps", 250),
             (3, "num_class_images", 100),
             (3, "augment_variants", 8),
@@ -385,7 +417,7 @@ WORKFLOWS = {
                 2,
                 "SVDiffDatasetFromFolder",
                 [20, 380],
-                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+                {**DEMO_FOLDER, "folder": "demo_sks_circle", "default_caption": "a photo of a sks circle", "trigger_word": "sks"},
             ),
             node(
                 3,
@@ -393,39 +425,45 @@ WORKFLOWS = {
                 [400, 120],
                 {
                     "deltas": "K/V weights (Custom Diffusion)",
-                    "steps": 60,
-                    "learning_rate": 1e-5,
+                    "steps": 300,
+                    "learning_rate": 1e-4,
                     "learning_rate_spectral": 1e-3,
                     "modifier_token": "sks",
                     "initializer_token": "42170",
-                    "learning_rate_token": 1e-5,
-                    "augmentation": "auto",
+                    "learning_rate_token": 5e-3,
+                    "augmentation": "off",
                     "augment_variants": 4,
                     "prior_weight": 1.0,
-                    "class_prompt": "photo of a dog",
-                    "num_class_images": 4,
+                    "class_prompt": CIRCLES,
+                    "num_class_images": 8,
                     "batch_size": 1,
-                    "random_flip": True,
+                    "random_flip": False,
                     "seed": 0,
-                    "filename_prefix": "cd_sks_dog",
+                    "filename_prefix": "cd_sks_circle",
                     "overwrite": True,
                 },
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (2, 0)},
-                "Train the dog (K/V + token; overwrite on: reruns replace cd_sks_dog)",
+                "Train the heart (K/V + token; overwrite on: reruns replace cd_sks_circle)",
             ),
-            node(4, "SVDiffLoadKVDeltas", [400, 900], {"deltas_name": "demo_kv_cat.safetensors"}, title="A second concept (K/V deltas)"),
+            node(
+                4,
+                "SVDiffLoadKVDeltas",
+                [400, 900],
+                {"deltas_name": "demo_kv_diamond.safetensors"},
+                title="A second concept (the diamond's K/V deltas)",
+            ),
             node(
                 5,
                 "SVDiffConcept",
                 [800, 120],
-                {"token": "embedding:cd_sks_dog", "class_word": "dog", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"token": "embedding:cd_sks_circle", "class_word": "circle", "prompts": "{token} {class}\na photo of a {token} {class}"},
                 {"deltas": (3, 2)},
             ),
             node(
                 6,
                 "SVDiffConcept",
                 [1200, 120],
-                {"token": "embedding:demo_kv_cat", "class_word": "cat", "prompts": "{token} {class}\na photo of {token} {class}"},
+                {"token": "embedding:demo_kv_diamond", "class_word": "square", "prompts": "{token} {class}\na photo of a {token} {class}"},
                 {"deltas": (4, 0), "concepts": (5, 0)},
             ),
             node(
@@ -435,7 +473,7 @@ WORKFLOWS = {
                 {"builtin_captions": True, "extra_captions": "", "filename_prefix": ""},
                 {"model": (1, 0), "clip": (1, 1), "concepts": (6, 0)},
             ),
-            node(8, "CLIPTextEncode", [1600, 560], {"text": PETS}, {"clip": (1, 1)}, "Positive"),
+            node(8, "CLIPTextEncode", [1600, 560], {"text": MERGED}, {"clip": (1, 1)}, "Positive"),
             node(9, "CLIPTextEncode", [1600, 820], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative"),
             node(10, "EmptyLatentImage", [1600, 1080], LATENT),
             node(
@@ -446,7 +484,7 @@ WORKFLOWS = {
                 {"model": (7, 0), "positive": (8, 0), "negative": (9, 0), "latent_image": (10, 0)},
             ),
             node(12, "VAEDecode", [2400, 120], {}, {"samples": (11, 0), "vae": (1, 2)}),
-            node(13, "SaveImage", [2700, 120], {"filename_prefix": "svdiff/dog_and_cat_merged"}, {"images": (12, 0)}),
+            node(13, "SaveImage", [2700, 120], {"filename_prefix": "svdiff/heart_and_diamond_merged"}, {"images": (12, 0)}),
         ],
     },
     "multi_subject": {
@@ -457,10 +495,10 @@ WORKFLOWS = {
             (2, "resolution", 512),
             (3, "resolution", 512),
             (4, "collages", 32),
+            (6, "learning_rate", 1e-3),
             (6, "steps", 800),
             (6, "num_class_images", 50),
             (6, "save_every", 200),
-            (6, "preview_every", 200),
             (13, "steps", 30),
             (14, "width", 512),
             (14, "height", 512),
@@ -471,24 +509,24 @@ WORKFLOWS = {
                 2,
                 "SVDiffDatasetFromFolder",
                 [20, 380],
-                {**DEMO_FOLDER, "folder": "demo_sks_dog", "default_caption": "photo of a sks dog", "trigger_word": "sks"},
+                {**DEMO_FOLDER, "folder": "demo_sks_circle", "default_caption": "a photo of a sks circle", "trigger_word": "sks"},
                 None,
-                "Subject 1 photos",
+                "Subject 1 pictures (the heart)",
             ),
             node(
                 3,
                 "SVDiffDatasetFromFolder",
                 [20, 680],
-                {**DEMO_FOLDER, "folder": "demo_zwx_sculpture", "default_caption": "photo of a zwx sculpture", "trigger_word": "zwx"},
+                {**DEMO_FOLDER, "folder": "demo_zwx_square", "default_caption": "a photo of a zwx square", "trigger_word": "zwx"},
                 None,
-                "Subject 2 photos",
+                "Subject 2 pictures (the diamond)",
             ),
             node(
                 4,
                 "SVDiffCutMixUnmix",
                 [400, 380],
                 {
-                    "phrases": "sks dog\nzwx sculpture",
+                    "phrases": "sks circle\nzwx square",
                     "probability": 0.6,
                     "layout": "left_right",
                     "split_min": 0.5,
@@ -511,14 +549,15 @@ WORKFLOWS = {
                 "SVDiffTrain",
                 [800, 120],
                 train_widgets(
-                    steps=100,
+                    steps=600,
+                    learning_rate=WORLD_LR,
                     prior_weight=1.0,
                     class_prompt="",
-                    num_class_images=4,
-                    random_flip=True,
+                    num_class_images=8,
+                    random_flip=False,
                     save_every=0,
-                    filename_prefix="svdiff/sks_dog_zwx_sculpture",
-                    preview_every=50,
+                    filename_prefix="svdiff/sks_circle_zwx_square",
+                    preview_every=200,
                     preview_prompt=PAIR,
                 ),
                 {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (4, 0), "attention": (5, 0)},
@@ -527,18 +566,23 @@ WORKFLOWS = {
             node(7, "CLIPTextEncode", [1200, 40], {"text": PAIR}, {"clip": (6, 1)}, "Positive"),
             node(8, "CLIPTextEncode", [1200, 300], {"text": ""}, {"clip": (6, 1)}, "Null prompt"),
             node(
-                9, "CLIPTextEncode", [1200, 560], {"text": "photo of a dog and a sculpture"}, {"clip": (6, 1)}, "Prior prompt as negative"
+                9,
+                "CLIPTextEncode",
+                [1200, 560],
+                {"text": "a photo of a red circle on the left and a red square on the right, on a dark background"},
+                {"clip": (6, 1)},
+                "Prior prompt as negative",
             ),
             node(
                 10,
                 "SVDiffNegativePriorGuider",
                 [1560, 40],
-                {"cfg": 7.5, "beta": 0.5},
+                {"cfg": 5.0, "beta": 0.5},
                 {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "prior_negative": (9, 0)},
             ),
             node(11, "RandomNoise", [1560, 300], {"noise_seed": 5, "control_after_generate": "fixed"}),
             node(12, "KSamplerSelect", [1560, 460], {"sampler_name": "euler"}),
-            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 12, "denoise": 1.0}, {"model": (6, 0)}),
+            node(13, "BasicScheduler", [1560, 580], {"scheduler": "normal", "steps": 20, "denoise": 1.0}, {"model": (6, 0)}),
             node(14, "EmptyLatentImage", [1560, 760], LATENT),
             node(
                 15,
@@ -548,7 +592,7 @@ WORKFLOWS = {
                 {"noise": (11, 0), "guider": (10, 0), "sampler": (12, 0), "sigmas": (13, 0), "latent_image": (14, 0)},
             ),
             node(16, "VAEDecode", [2280, 40], {}, {"samples": (15, 0), "vae": (1, 2)}),
-            node(17, "SaveImage", [2520, 40], {"filename_prefix": "svdiff/sks_dog_beside_zwx_sculpture"}, {"images": (16, 0)}),
+            node(17, "SaveImage", [2520, 40], {"filename_prefix": "svdiff/sks_circle_beside_zwx_square"}, {"images": (16, 0)}),
             node(18, "PreviewImage", [1200, 820], {}, {"images": (6, 4)}, "Loss curve"),
         ],
     },
@@ -559,12 +603,18 @@ WORKFLOWS = {
         "gpu": [],
         "nodes": [
             loader(),
-            node(2, "SVDiffLoadShift", [20, 360], {"shift_name": "demo_dog.safetensors"}),
+            node(2, "SVDiffLoadShift", [20, 360], {"shift_name": "demo_heart.safetensors"}),
             node(
                 3,
                 "SVDiffExportLoRA",
                 [380, 120],
-                {"rank": 64, "strength_model": 1.0, "strength_clip": 1.0, "filename_prefix": "svdiff/demo_dog_rank64", "precision": "fp16"},
+                {
+                    "rank": 64,
+                    "strength_model": 1.0,
+                    "strength_clip": 1.0,
+                    "filename_prefix": "svdiff/demo_heart_rank64",
+                    "precision": "fp16",
+                },
                 {"model": (1, 0), "clip": (1, 1), "shift": (2, 0)},
             ),
         ],

@@ -3,7 +3,7 @@
     python scripts/workflow_thumbnails.py [--only NAME]
 
 Starts a real ComfyUI server (temporary base directory, this checkout as a custom node,
-the tiny demo checkpoint under each workflow's checkpoint name, demo shifts/LoRAs/images),
+the world checkpoint under each workflow's checkpoint name, demo shifts/LoRAs/images),
 opens each workflow in headless Chromium and saves the graph area. The template browser
 shows these as thumbnails (it asks for <name>.jpg beside <name>.json); the README shows
 them as pictures of the workflows. Needs Debian's chromium and `pip install playwright`.
@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for devtools/
 
-from headless import ROOT, start_comfy, tiny_checkpoint  # noqa: E402
+from headless import ROOT, demo_checkpoint, start_comfy  # noqa: E402
 from run_workflow import prepare_files  # noqa: E402
 
 from devtools.browser import ComfyPage, launch, prepare_user_dir  # noqa: E402
@@ -32,6 +32,19 @@ from devtools.workflow_format import ui_to_api  # noqa: E402
 
 MAX_WIDTH = 1400
 MARGIN = 24
+
+
+def place_trained_demo_files(server) -> None:
+    """The world model's trained shifts, LoRA and K/V deltas (what Install Demo Files puts in
+    place), so the panels describe them; prepare_files makes only what is still missing."""
+    from comfyui_svdiff.svdiff.comfy.demo import DEMO_KV, DEMO_LORAS, DEMO_SHIFTS, SHIPPED, copy_model_file
+
+    files = [(name, "spectral_shifts", name) for name in DEMO_SHIFTS] + [(name, "loras", name) for name in DEMO_LORAS + DEMO_KV]
+    files += [(name.replace(".safetensors", ".token.safetensors"), "embeddings", name) for name in DEMO_KV]
+    for source, folder, name in files:
+        target = server.models(folder) / name
+        if not target.exists():
+            copy_model_file(SHIPPED / source, target)
 
 
 def main() -> int:
@@ -48,7 +61,8 @@ def main() -> int:
         prepare_user_dir(base)
         server = ComfyServer(find_comfyui(), base)
         handle = start_comfy(base_dir=Path(tmp) / "inprocess")
-        checkpoint = tiny_checkpoint()
+        checkpoint = demo_checkpoint()
+        place_trained_demo_files(server)
         for path in workflows:
             workflow = json.loads(path.read_text())
             prompt = ui_to_api(workflow, handle.object_info())

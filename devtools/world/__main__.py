@@ -3,6 +3,7 @@
     python -m devtools.world evaluator [--steps N]   # train the evaluator (~20 min)
     python -m devtools.world base [--unet-steps N]   # train the base model (< 60 min, 2 cores)
     python -m devtools.world report [--count N]      # prompt following of the base model
+    python -m devtools.world demo                    # the demo files the workflows use (~10 min)
 
 ``evaluator`` writes devtools/world/evaluator.safetensors, ``base`` writes
 base_unet.int8.safetensors and base_vae.safetensors (the metadata holds the settings and
@@ -91,6 +92,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from . import build_demo
+
+    report = build_demo.build(only_shifts=args.only_shifts)
+    for name, value in report.items():
+        log.info("%-50s %s", name, value)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +120,9 @@ def main() -> int:
     p.add_argument("--grid", help="save a picture grid here (PNG)")
     p.add_argument("--json", help="save the table here")
     p.set_defaults(run=cmd_report)
+    p = sub.add_parser("demo", help="train the demo files (shifts, LoRA, K/V deltas) on the world model")
+    p.add_argument("--only-shifts", action="store_true", help="retrain the two spectral shifts only")
+    p.set_defaults(run=cmd_demo)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.run(args)

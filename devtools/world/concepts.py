@@ -17,11 +17,11 @@ CLASS_SHAPE = "circle"
 TOKEN = "sks"
 
 
-def instance_scenes(count: int = 5, seed: int = 7) -> list[Scene]:
-    """The concept's pictures: a plain red heart, backgrounds in turn, size and position drawn."""
+def instance_scenes(count: int = 5, seed: int = 7, shape: str = CONCEPT_SHAPE) -> list[Scene]:
+    """The concept's pictures: a plain red heart (or ``shape``), backgrounds in turn, size and position drawn."""
     rng = random.Random(seed)
     return [
-        Scene((Thing(CONCEPT_SHAPE, "red", "plain", rng.choice(SIZES), rng.choice(POSITIONS)),), BACKGROUNDS[i % len(BACKGROUNDS)])
+        Scene((Thing(shape, "red", "plain", rng.choice(SIZES), rng.choice(POSITIONS)),), BACKGROUNDS[i % len(BACKGROUNDS)])
         for i in range(count)
     ]
 
@@ -35,8 +35,8 @@ def prompt_scenes(count: int, seed: int, shape: str = CONCEPT_SHAPE) -> list[Sce
     ]
 
 
-def concept_caption(caption: str) -> str:
+def concept_caption(caption: str, shape: str = CONCEPT_SHAPE, name: str = f"{TOKEN} {CLASS_SHAPE}") -> str:
     """A scene caption with the concept's shape word replaced by its name ("sks circle")."""
-    if f" {CONCEPT_SHAPE}" not in caption:
-        raise ValueError(f"no {CONCEPT_SHAPE} in {caption!r}")
-    return caption.replace(f" {CONCEPT_SHAPE}", f" {TOKEN} {CLASS_SHAPE}")
+    if f" {shape}" not in caption:
+        raise ValueError(f"no {shape} in {caption!r}")
+    return caption.replace(f" {shape}", f" {name}")

@@ -1,21 +1,21 @@
 """The demo files the shipped workflows name, put in ComfyUI's own folders.
 
-A tiny SD1.5-layout checkpoint with random weights (it loads and samples like a real
-one, in seconds on a CPU, and draws noise), two spectral shifts, a LoRA, Custom
-Diffusion K/V deltas with their modifier token, two folders of synthetic subject
-photos with captions and one photo to edit. They stand in for real models and photos
-so every workflow runs from the UI as loaded; each model file says "demo" in its
-metadata. :func:`install_demo_files` is idempotent: a demo file already in place is
-left alone, and a file of the same name that is not a demo file is never replaced.
+They are the toy world's (``devtools/world``): a small SD1.5-layout checkpoint trained
+from scratch on pictures of coloured shapes (``svdiff_world_sd15.safetensors``, 64²
+pictures, seconds per picture on a CPU), two spectral shifts trained on it (a heart and
+a diamond it never saw, both as "sks circle"), a LoRA trained with ComfyUI's Train LoRA
+(stripes behind everything), Custom Diffusion K/V deltas with their modifier token (the
+diamond as "zwx square"), two folders of subject pictures with captions and one photo
+to edit. Every model file says "demo" in its metadata. :func:`install_demo_files` is
+idempotent: a demo file already in place is left alone, and a file of the same name that
+is not a demo file is never replaced.
 
-The writers are also used by ``scripts/run_workflow.py``, which makes demo shifts and
-LoRAs that fit whichever checkpoint it is given.
+The random writers further down (``write_demo_shift`` …) serve ``scripts/run_workflow.py``
+when it is given another checkpoint: they make demo files that fit its shapes.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,18 @@ from ..fileformat import write_shift
 from ..shift import SpectralShift
 from .folders import EMBEDDING_FOLDER, LORA_FOLDER, SHIFT_FOLDER
 
-DEMO_CHECKPOINT = "svdiff_demo_sd15.safetensors"
+DEMO_CHECKPOINT = "svdiff_world_sd15.safetensors"
 DEMO_MARK = "svdiff.demo"
 """Metadata key every demo model file carries (value: what wrote it)."""
 
-DEMO_SHIFTS = {"demo_dog.safetensors": 1, "demo_cat.safetensors": 2}
-DEMO_LORAS = {"demo_style_lora.safetensors": 3}
-DEMO_KV = {"demo_kv_cat.safetensors": 4}
-DEMO_SUBJECTS = {"sks_dog": ((120, 72, 30), 0), "zwx_sculpture": ((40, 40, 40), 1)}
-DEMO_IMAGE_FOLDERS = tuple(f"demo_{name}" for name in DEMO_SUBJECTS)
-DEMO_PHOTO = "demo_crown.png"
+SHIPPED = Path(__file__).resolve().parents[2] / "devtools" / "world" / "demo"
+"""The trained demo files (``python -m devtools.world demo`` writes them)."""
+DEMO_SHIFTS = ("demo_heart.safetensors", "demo_diamond.safetensors")
+DEMO_LORAS = ("demo_stripes_lora.safetensors",)
+DEMO_KV = ("demo_kv_diamond.safetensors",)
+"""K/V deltas in loras/, each with its modifier token of the same name in embeddings/."""
+DEMO_IMAGE_FOLDERS = ("demo_sks_circle", "demo_zwx_square")
+DEMO_PHOTO = "demo_star.png"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -60,13 +62,23 @@ def _first_folder(kind: str) -> Path:
 
 
 def is_demo_file(path: Path) -> bool:
-    """A safetensors file this module (or the tiny-model builder) wrote."""
+    """A safetensors file this module, the world builder or the tiny-model builder wrote."""
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
     except Exception:  # not safetensors, unreadable: not ours
         return False
-    return DEMO_MARK in metadata or "tiny_models" in metadata
+    return DEMO_MARK in metadata or "tiny_models" in metadata or "svdiff.world" in metadata
+
+
+def _shipped_files() -> list[tuple[Path, list[Path]]]:
+    """(shipped source, destinations) of every trained demo file."""
+    files = [(SHIPPED / name, [_first_folder(SHIFT_FOLDER) / name]) for name in DEMO_SHIFTS]
+    files += [(SHIPPED / name, [_first_folder(LORA_FOLDER) / name]) for name in DEMO_LORAS]
+    for name in DEMO_KV:
+        token = SHIPPED / name.replace(".safetensors", ".token.safetensors")
+        files += [(SHIPPED / name, [_first_folder(LORA_FOLDER) / name]), (token, [_first_folder(EMBEDDING_FOLDER) / name])]
+    return files
 
 
 def install_demo_files(progress: Callable[[int, int], None] | None = None) -> list[Placed]:
@@ -78,7 +90,11 @@ def install_demo_files(progress: Callable[[int, int], None] | None = None) -> li
     checkpoint = _first_folder("checkpoints") / DEMO_CHECKPOINT
     if checkpoint.exists() and not is_demo_file(checkpoint):
         raise ValueError(f"{checkpoint} exists and is not the SVDiff demo checkpoint; rename or move it, then run this again")
-    total = 1 + len(DEMO_SHIFTS) + len(DEMO_LORAS) + len(DEMO_KV) + len(DEMO_IMAGE_FOLDERS) + 1
+    shipped = _shipped_files()
+    missing = [str(source) for source, _ in shipped if not source.is_file()]
+    if missing:
+        raise ValueError(f"the extension's demo files are missing ({', '.join(missing)}); reinstall the extension")
+    total = 1 + len(shipped) + len(DEMO_IMAGE_FOLDERS) + 1
     done = 0
 
     def tick():
@@ -95,29 +111,13 @@ def install_demo_files(progress: Callable[[int, int], None] | None = None) -> li
         placed.append(Placed(checkpoint, "written"))
     tick()
 
-    model = clip = None
-    for names, kind, writer in (
-        (DEMO_SHIFTS, SHIFT_FOLDER, write_demo_shift),
-        (DEMO_LORAS, LORA_FOLDER, write_demo_lora),
-        (DEMO_KV, LORA_FOLDER, None),
-    ):
-        for name, seed in names.items():
-            path = _first_folder(kind) / name
-            companion = _first_folder(EMBEDDING_FOLDER) / name if writer is None else None
-            wanted = [p for p in (path, companion) if p is not None]
-            if all(p.exists() for p in wanted):
-                placed += [Placed(p, "already there" if is_demo_file(p) else "kept: not a demo file") for p in wanted]
-            elif any(p.exists() and not is_demo_file(p) for p in wanted):
-                placed += [Placed(p, "kept: not a demo file") for p in wanted if p.exists()]
-            else:
-                if model is None:
-                    model, clip = load_demo_checkpoint(checkpoint)
-                if writer is None:
-                    write_demo_kv(path, companion, model, clip, seed)
-                else:
-                    writer(path, model, clip, seed)
-                placed += [Placed(p, "written") for p in wanted]
-            tick()
+    for source, (path,) in shipped:
+        if path.exists():
+            placed.append(Placed(path, "already there" if is_demo_file(path) else "kept: not a demo file"))
+        else:
+            copy_model_file(source, path)
+            placed.append(Placed(path, "written"))
+        tick()
 
     for name in DEMO_IMAGE_FOLDERS:
         folder = _first_folder("input") / name
@@ -137,14 +137,24 @@ def install_demo_files(progress: Callable[[int, int], None] | None = None) -> li
     return placed
 
 
+def copy_model_file(source: Path, path: Path) -> None:
+    """A shipped safetensors file, rewritten atomically (ComfyUI's output permissions)."""
+    from safetensors.torch import load_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    atomic_save(path, load_file(str(source)), metadata)
+
+
 def write_demo_checkpoint(path: Path) -> None:
-    """The tiny SD1.5-layout checkpoint (random weights, ~266 MiB: the text encoder is a
-    full-size CLIP-L, which ComfyUI's loader insists on), written atomically."""
+    """The world checkpoint (trained UNet and VAE, the designed CLIP-L; ~290 MB: the text
+    encoder is a full-size CLIP-L, which ComfyUI's loader insists on), written atomically."""
     from ...devtools import tiny_models
+    from ...devtools.world import base
 
     with tiny_models.inside_running_comfyui():
-        tensors, metadata = tiny_models.tiny_checkpoint_tensors("SD15", seed=0)
-    metadata[DEMO_MARK] = "svdiff demo checkpoint: random weights, draws noise; for trying the workflows"
+        tensors, metadata = base.checkpoint_tensors()
+    metadata[DEMO_MARK] = "svdiff world model: trained from scratch on the toy world's coloured shapes, 64x64 pictures"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(path, tensors, metadata)
 
@@ -209,52 +219,17 @@ def write_demo_kv(path: Path, embedding_path: Path, model, clip, seed: int) -> N
     atomic_save(embedding_path, vectors, {"svdiff.description": "demo modifier token (random)", DEMO_MARK: "random token"}, overwrite=True)
 
 
-def write_demo_images(folder: Path, count: int = 4) -> None:
-    """Synthetic "subject" photos (a coloured shape on varied backgrounds) with captions,
-    published as a whole folder (added to an existing one, replacing nothing). ``demo_<token>_<noun>`` folders get captions
-    "photo of a <token> <noun>" (a brown "sks dog", a dark "zwx sculpture")."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+def write_demo_images(folder: Path) -> None:
+    """A demo subject's pictures with captions: ``demo_sks_circle`` the heart ("a photo of a
+    large red sks circle ..."), ``demo_zwx_square`` the diamond; any other folder name gets
+    the heart. Published as a whole folder (added to an existing one, replacing nothing)."""
+    from ...devtools.world import demo_files
 
-    name = folder.name.removeprefix("demo_") if folder.name.startswith("demo_") and "_" in folder.name[5:] else "sks_dog"
-    colour, seed = DEMO_SUBJECTS.get(name, ((90, 120, 160), 2))
-    rng = np.random.default_rng(seed)
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        for i in range(count):
-            background = tuple(int(c) for c in rng.integers(40, 220, 3))
-            image = Image.new("RGB", (512, 512), background)
-            draw = ImageDraw.Draw(image)
-            x, y = (int(v) for v in rng.integers(120, 260, 2))
-            draw.ellipse([x, y, x + 200, y + 160], fill=colour)
-            draw.ellipse([x + 140, y - 60, x + 240, y + 40], fill=tuple(min(255, c + 20) for c in colour))
-            image.save(staging / f"{name}_{i}.png")
-            (staging / f"{name}_{i}.txt").write_text("photo of a " + name.replace("_", " ", 1))
-        if folder.is_dir():  # a folder of other files: add the pictures, replace nothing
-            for file in staging.iterdir():
-                if not (folder / file.name).exists():
-                    os.replace(file, folder / file.name)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    demo_files.write_subject_folder(folder)
 
 
 def write_demo_photo(path: Path) -> None:
-    """A synthetic "crown with a blue diamond and a golden eagle" for the CoSINE workflow."""
-    from PIL import Image, ImageDraw
+    """The CoSINE workflow's photo: "a photo of a large yellow star on a dark background" (64²)."""
+    from ...devtools.world import demo_files
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (512, 512), (70, 40, 90))
-    draw = ImageDraw.Draw(image)
-    draw.polygon([(96, 380), (96, 200), (176, 290), (256, 170), (336, 290), (416, 200), (416, 380)], fill=(212, 170, 40))
-    draw.ellipse([226, 300, 286, 360], fill=(40, 90, 220))  # the blue diamond
-    draw.polygon([(256, 60), (196, 120), (226, 150), (256, 125), (286, 150), (316, 120)], fill=(230, 190, 60))  # the eagle
-    staging = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        image.save(staging)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    demo_files.write_photo(path)

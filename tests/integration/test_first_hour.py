@@ -126,7 +126,7 @@ def test_template_browser_lists_every_workflow_with_title_and_thumbnail(page, fr
 
 
 def test_start_here_installs_the_demo_files_and_refreshes_the_lists(page, fresh_server):
-    assert not (fresh_server.base_dir / "models" / "checkpoints" / "svdiff_demo_sd15.safetensors").exists()
+    assert not (fresh_server.base_dir / "models" / "checkpoints" / "svdiff_world_sd15.safetensors").exists()
     _open_template(page, START_HERE)
     assert _dialogs(page) == []
     entry = _queue_and_wait(page, fresh_server, START_HERE.stem)
@@ -137,7 +137,7 @@ def test_start_here_installs_the_demo_files_and_refreshes_the_lists(page, fresh_
     page.page.wait_for_function(
         """() => {
             const node = LiteGraph.createNode('CheckpointLoaderSimple');
-            return node.widgets[0].options.values.includes('svdiff_demo_sd15.safetensors');
+            return node.widgets[0].options.values.includes('svdiff_world_sd15.safetensors');
         }""",
         timeout=30_000,
     )
@@ -147,7 +147,7 @@ def test_start_here_installs_the_demo_files_and_refreshes_the_lists(page, fresh_
 
 @pytest.mark.parametrize("path", [p for p in WORKFLOWS if p != START_HERE], ids=lambda p: p.stem)
 def test_every_workflow_runs_from_the_template_browser_as_shipped(page, fresh_server, path):
-    if not (fresh_server.base_dir / "models" / "checkpoints" / "svdiff_demo_sd15.safetensors").exists():
+    if not (fresh_server.base_dir / "models" / "checkpoints" / "svdiff_world_sd15.safetensors").exists():
         pytest.fail("the Start here workflow did not install the demo files (see the test before)")
     _open_template(page, path)
     assert _dialogs(page) == [], "a message appeared when the workflow opened"

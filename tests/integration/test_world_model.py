@@ -130,3 +130,34 @@ def test_a_trained_shift_teaches_the_base_model_the_held_out_concept(world):
 
     before, after = hearts(model, clip), hearts(shifted, shifted_clip)
     assert after >= 0.33 and after >= before + 0.25, (before, after)
+
+
+def test_the_shipped_demo_files_do_what_the_workflows_say(world):
+    """The trained files Install Demo Files puts in place (devtools/world/demo/), read by the
+    evaluator on fixed prompts and seeds: the heart shift draws hearts for "sks circle", which
+    the base model never does, and still does with the stripes LoRA stacked on it."""
+    import comfy.sd
+    import comfy.utils
+
+    from comfyui_svdiff.svdiff.comfy.patching import apply_shift
+    from comfyui_svdiff.svdiff.fileformat import read_shift
+    from devtools.world import concepts, demo_files, evaluator, generate
+
+    model, clip, vae = world
+    judge = evaluator.load()
+    seeds = [2000 + i for i in range(12)]
+
+    def read(m, c, prompts, attribute):
+        return evaluator.predict(judge, generate.generate(m, c, vae, prompts, seeds))[attribute]
+
+    prompts = [concepts.concept_caption(s.caption()) for s in concepts.prompt_scenes(12, seed=500)]
+    shifted, shifted_clip, _ = apply_shift(model, clip, read_shift(demo_files.HERE / "demo_heart.safetensors"), 1.0, 1.0)
+    before = read(model, clip, prompts, "shape").count("heart") / 12
+    after = read(shifted, shifted_clip, prompts, "shape").count("heart") / 12
+    assert after >= 0.33 and after >= before + 0.25, (before, after)
+
+    # Stacked with the stripes LoRA (as the main job does), the heart stays.
+    lora = comfy.utils.load_torch_file(str(demo_files.HERE / "demo_stripes_lora.safetensors"), safe_load=True)
+    stacked, stacked_clip = comfy.sd.load_lora_for_models(shifted, shifted_clip, lora, 0.6, 0.6)
+    kept = read(stacked, stacked_clip, prompts, "shape").count("heart") / 12
+    assert kept >= 0.33 and kept >= before + 0.25, (before, after, kept)
