@@ -86,7 +86,7 @@ def shift_bytes(shift) -> int:
         return os.path.getsize(write_shift(os.path.join(d, "s.safetensors"), shift))
 
 
-def dreambooth(model, instances, priors, steps, lr, prior_weight):
+def dreambooth(model, instances, priors, conds, steps, lr, prior_weight):
     """Full fine-tuning of every UNet weight: the same ε-MSE, schedule, pairing with prior
     images and gradient clipping as the SVDiff run, on a copy of the diffusion model."""
     from devtools.world.train_base import sd15_alphas_cumprod
@@ -99,13 +99,6 @@ def dreambooth(model, instances, priors, steps, lr, prior_weight):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     alphas = sd15_alphas_cumprod()
     gen = torch.Generator().manual_seed(SEED)
-    conds = {}
-
-    def context(caption):
-        return conds[caption]
-
-    for ex in instances + priors:
-        conds[ex.caption] = ex._cond
     for _ in range(steps):
         batch = [instances[int(torch.randint(len(instances), (), generator=gen))]]
         weights = [1.0]
@@ -118,7 +111,7 @@ def dreambooth(model, instances, priors, steps, lr, prior_weight):
             t = torch.randint(0, 1000, (1,), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
             a = alphas[t].view(-1, 1, 1, 1)
-            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), context(ex.caption))
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), conds[ex.caption])
             total = total + w * (pred - noise).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -131,14 +124,14 @@ def dreambooth(model, instances, priors, steps, lr, prior_weight):
     return patched, sum(p.numel() for p in params), sum(d[0].numel() * 2 for d in deltas.values())
 
 
-def comfy_lora(model, instances, steps, lr, rank):
+def comfy_lora(model, instances, conds, steps, lr, rank):
     """ComfyUI's own Train LoRA node (comfy_extras/nodes_train.py), fp32, on the instance
     pictures and their captions (it has no prior preservation), applied with its Load LoRA
     Model node."""
     from comfy_extras import nodes_train
 
     latents = [{"samples": torch.cat([ex.latent for ex in instances])}]
-    positive = [[[ex._cond, {}]] for ex in instances]
+    positive = [[[conds[ex.caption], {}]] for ex in instances]
     out = nodes_train.TrainLoraNode.execute(
         model=[model],
         latents=latents,
@@ -225,31 +218,12 @@ def main() -> int:
         latents = vae.encode(pixels.permute(0, 2, 3, 1))
     instances = [Example(latents[i : i + 1], concepts.concept_caption(s.caption())) for i, s in enumerate(instance_scenes)]
     prior_scenes = concepts.prompt_scenes(PRIORS, 300, concepts.CLASS_SHAPE)
-    prior_latents = []
-    import comfy.sample
-
-    for i, s in enumerate(prior_scenes):
-        latent = torch.zeros(1, 4, base.LATENT_SIZE, base.LATENT_SIZE)
-        cond, neg = generate.encode(clip, s.caption()), generate.encode(clip, "")
-        prior_latents.append(
-            comfy.sample.sample(
-                model,
-                comfy.sample.prepare_noise(latent, 5000 + i),
-                20,
-                5.0,
-                "euler",
-                "normal",
-                cond,
-                neg,
-                latent,
-                seed=5000 + i,
-                disable_pbar=True,
-            )
-        )
+    prior_latents = generate.sample_latents(model, clip, [s.caption() for s in prior_scenes], [5000 + i for i in range(PRIORS)])
     priors = [Example(x, s.caption()) for x, s in zip(prior_latents, prior_scenes, strict=True)]
+    conds = {}  # caption -> text-encoder output, for the loops that do not go through TrainRequest
     for ex in instances + priors:  # plain tensors (not inference-mode ones) for autograd
         ex.latent = ex.latent.detach().clone()
-        ex._cond = generate.encode(clip, ex.caption)[0][0].detach().clone()
+        conds[ex.caption] = generate.encode(clip, ex.caption)[0][0].detach().clone()
 
     outcomes: list[Outcome] = []
     labels = {
@@ -288,12 +262,12 @@ def main() -> int:
                 )
             elif method.startswith("lora"):
                 lr = float(lr_text or args.lr_lora)
-                patched, n, nbytes = comfy_lora(model, instances, args.steps, lr, int(method[4:]))
+                patched, n, nbytes = comfy_lora(model, instances, conds, args.steps, lr, int(method[4:]))
                 elapsed = time.perf_counter() - started
                 out = evaluate(f"{labels[method]}, lr {lr:g}", patched, clip, vae, judge, n, nbytes)
             else:
                 lr = float(lr_text or args.lr_dreambooth)
-                patched, n, nbytes = dreambooth(model, instances, priors, args.steps, lr, prior_weight)
+                patched, n, nbytes = dreambooth(model, instances, priors, conds, args.steps, lr, prior_weight)
                 elapsed = time.perf_counter() - started
                 out = evaluate(f"{labels[method]}, lr {lr:g}", patched, clip, vae, judge, n, nbytes)
         except Exception as exc:  # one method failing must not lose the others' rows

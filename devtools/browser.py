@@ -8,6 +8,7 @@ not have, and hosts outside 127.0.0.1 (no network).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -176,3 +177,24 @@ def launch(playwright):
     if executable is None:
         raise RuntimeError("Chromium not found: apt-get install chromium (or set CHROMIUM to its path)")
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+
+
+@contextlib.contextmanager
+def chromium_or_skip():
+    """A launched headless Chromium for a pytest fixture; without Playwright or Chromium the
+    test is skipped, or fails where ``SVDIFF_REQUIRE_BROWSER=1`` (``.ci/run`` sets it)."""
+    import pytest
+
+    required = os.environ.get("SVDIFF_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright import sync_api
+    except ImportError:
+        (pytest.fail if required else pytest.skip)("browser tests need Playwright's library: pip install playwright")
+    if find_chromium() is None:
+        (pytest.fail if required else pytest.skip)("browser tests need Chromium: apt-get install chromium")
+    with sync_api.sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()

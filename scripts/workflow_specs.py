@@ -425,7 +425,7 @@ WORKFLOWS = {
                 [400, 120],
                 {
                     "deltas": "K/V weights (Custom Diffusion)",
-                    "steps": 300,
+                    "steps": 200,
                     "learning_rate": 1e-4,
                     "learning_rate_spectral": 1e-3,
                     "modifier_token": "sks",

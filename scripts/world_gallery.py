@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SAMPLING = ("apply_and_stack_lora", "train_subject", "cosine_edit", "custom_diffusion", "multi_subject")
+PAIRS = ("custom_diffusion", "multi_subject")
+"""Workflows that ask for two objects side by side: their pictures are read half by half."""
 SCALE = 4
 
 
@@ -51,8 +53,12 @@ def main() -> int:
         print(f"{workflow}: {len(images)} images in {seconds:.0f} s", flush=True)
         for path in images:
             picture = Image.open(path).convert("RGB")
-            reading = evaluator.predict(judge, [picture])
-            seen = f"{reading['colour'][0]} {reading['shape'][0]}, {reading['background'][0]}"
+            if workflow in PAIRS:  # "... on the left and ... on the right": each half on its own
+                halves = evaluator.predict(judge, [evaluator.half(picture, "left"), evaluator.half(picture, "right")])
+                seen = f"{halves['colour'][0]} {halves['shape'][0]} | {halves['colour'][1]} {halves['shape'][1]}"
+            else:
+                reading = evaluator.predict(judge, [picture])
+                seen = f"{reading['colour'][0]} {reading['shape'][0]}, {reading['background'][0]}"
             tiles.append((workflow, path.stem.rsplit("_", 1)[0], seen, picture))
     width, label = 64 * SCALE, 44
     sheet = Image.new("RGB", (width * len(tiles), width + label), (255, 255, 255))

@@ -34,8 +34,8 @@ def encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def generate(model, clip, vae, prompts: list[str], seeds: list[int], negative: str = "", **sampler) -> list[Image.Image]:
-    """One picture per (prompt, seed), as KSampler + VAEDecode would make it."""
+def sample_latents(model, clip, prompts: list[str], seeds: list[int], negative: str = "", **sampler) -> list[torch.Tensor]:
+    """One latent per (prompt, seed), as KSampler on an empty latent makes it."""
     import comfy.sample
 
     settings = {**SAMPLER, **sampler}
@@ -46,19 +46,28 @@ def generate(model, clip, vae, prompts: list[str], seeds: list[int], negative: s
         positive = cache.get(prompt) or cache.setdefault(prompt, encode(clip, prompt))
         latent = torch.zeros(1, 4, base.LATENT_SIZE, base.LATENT_SIZE)
         noise = comfy.sample.prepare_noise(latent, seed)
-        samples = comfy.sample.sample(
-            model,
-            noise,
-            settings["steps"],
-            settings["cfg"],
-            settings["sampler_name"],
-            settings["scheduler"],
-            positive,
-            negative_cond,
-            latent,
-            seed=seed,
-            disable_pbar=True,
+        out.append(
+            comfy.sample.sample(
+                model,
+                noise,
+                settings["steps"],
+                settings["cfg"],
+                settings["sampler_name"],
+                settings["scheduler"],
+                positive,
+                negative_cond,
+                latent,
+                seed=seed,
+                disable_pbar=True,
+            )
         )
+    return out
+
+
+def generate(model, clip, vae, prompts: list[str], seeds: list[int], negative: str = "", **sampler) -> list[Image.Image]:
+    """One picture per (prompt, seed), as KSampler + VAEDecode would make it."""
+    out = []
+    for samples in sample_latents(model, clip, prompts, seeds, negative, **sampler):
         pixels = vae.decode(samples)[0].clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
         out.append(Image.fromarray(pixels))
     return out

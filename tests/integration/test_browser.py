@@ -10,14 +10,13 @@ No console errors. Screenshots go to artifacts/browser/.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from devtools.browser import ComfyPage, find_chromium, launch
+from devtools.browser import ComfyPage, chromium_or_skip
 from devtools.server import ServerDirs
 from devtools.workflow_format import ui_to_api
 
@@ -34,19 +33,8 @@ PANEL = f"{NODES}.find((n) => n.type === 'SVDiffLoader').svdiffInfo.element"
 
 @pytest.fixture(scope="module")
 def browser():
-    # .ci/run sets SVDIFF_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
-    required = os.environ.get("SVDIFF_REQUIRE_BROWSER") == "1"
-    try:
-        from playwright import sync_api
-    except ImportError:
-        (pytest.fail if required else pytest.skip)("browser tests need Playwright's library: pip install playwright")
-    if find_chromium() is None:
-        (pytest.fail if required else pytest.skip)("browser tests need Chromium: apt-get install chromium")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        chromium = launch(playwright)
+    with chromium_or_skip() as chromium:
         yield chromium
-        chromium.close()
 
 
 @pytest.fixture

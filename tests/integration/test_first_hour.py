@@ -12,14 +12,13 @@ nodes. Screenshots go to artifacts/browser/first_hour_*.png.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from devtools.browser import ComfyPage, find_chromium, launch, prepare_user_dir
+from devtools.browser import ComfyPage, chromium_or_skip, prepare_user_dir
 from devtools.locate import find_comfyui
 from devtools.server import INSTALL_NAME, ComfyServer, error_of
 
@@ -47,20 +46,11 @@ def fresh_server(tmp_path_factory, comfy_handle):
 
 @pytest.fixture(scope="module")
 def page(fresh_server):
-    required = os.environ.get("SVDIFF_REQUIRE_BROWSER") == "1"
-    try:
-        from playwright import sync_api
-    except ImportError:
-        (pytest.fail if required else pytest.skip)("browser tests need Playwright's library: pip install playwright")
-    if find_chromium() is None:
-        (pytest.fail if required else pytest.skip)("browser tests need Chromium: apt-get install chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as playwright:
-        browser = launch(playwright)
+    with chromium_or_skip() as browser:
         tab = ComfyPage(browser, fresh_server.url, 1600, 1000).open()
         yield tab
         tab.close()
-        browser.close()
 
 
 def _open_category(page: ComfyPage) -> None:
