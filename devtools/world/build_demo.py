@@ -79,6 +79,16 @@ def loader() -> dict:
     return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": base.CHECKPOINT_NAME}}
 
 
+TRAIN_LINKS = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0]}
+"""A training node's inputs from the loader (node 1) and the dataset (node 2)."""
+
+
+def run(handle, prompt: dict, prefix: str) -> None:
+    result = handle.run_prompt(prompt, timeout=3600)
+    if not result.success:
+        raise RuntimeError(f"training {prefix} failed: {result.error_message}")
+
+
 def train_shift(handle, folder: str, name: str, class_prompt: str, prefix: str) -> Path:
     prompt = {
         "1": loader(),
@@ -87,16 +97,11 @@ def train_shift(handle, folder: str, name: str, class_prompt: str, prefix: str) 
             "class_type": "SVDiffTrain",
             "inputs": {
                 **shift_inputs(folder, class_prompt, prefix),
-                "model": ["1", 0],
-                "clip": ["1", 1],
-                "vae": ["1", 2],
-                "dataset": ["2", 0],
+                **TRAIN_LINKS,
             },
         },
     }
-    result = handle.run_prompt(prompt, timeout=3600)
-    if not result.success:
-        raise RuntimeError(f"training {prefix} failed: {result.error_message}")
+    run(handle, prompt, prefix)
     return handle.model_dir("spectral_shifts") / f"{prefix}.safetensors"
 
 
@@ -125,16 +130,11 @@ def train_kv(handle, folder: str, name: str, class_prompt: str, prefix: str) -> 
                 "seed": 0,
                 "filename_prefix": prefix,
                 "overwrite": True,
-                "model": ["1", 0],
-                "clip": ["1", 1],
-                "vae": ["1", 2],
-                "dataset": ["2", 0],
+                **TRAIN_LINKS,
             },
         },
     }
-    result = handle.run_prompt(prompt, timeout=3600)
-    if not result.success:
-        raise RuntimeError(f"training {prefix} failed: {result.error_message}")
+    run(handle, prompt, prefix)
     return handle.model_dir("loras") / f"{prefix}.safetensors", handle.model_dir("embeddings") / f"{prefix}.safetensors"
 
 
